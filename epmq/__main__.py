@@ -1,0 +1,3 @@
+from epmq.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""``python -m epmq <stage> ...``: every stage of the pipeline, runnable without Snakemake.
+
+Each stage lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their stage is called, so ``python -m epmq merge`` does not pay
+for importing the evaluators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+STAGES = {
+    "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
+    "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
+    "demo": ("epmq.demo", "quantize one random layer with every method and print the objectives"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epmq", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, (module_name, summary) in STAGES.items():
+        sub = commands.add_parser(stage, help=summary, description=summary)
+        sub.set_defaults(_module=module_name)
+        # Stages register their arguments lazily: only the called stage's module is imported.
+        if stage in _requested_stage(argv):
+            importlib.import_module(module_name).add_arguments(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+def _requested_stage(argv: list[str] | None) -> set[str]:
+    words = sys.argv[1:] if argv is None else argv
+    return {word for word in words if word in STAGES}

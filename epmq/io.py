@@ -1,0 +1,173 @@
+"""Checkpoint and file I/O shared by every stage: lazy safetensors access, atomic writes, provenance.
+
+Every stage writes its output into a temporary sibling directory and renames it into place only
+when everything succeeded, so a failed or interrupted job never leaves a half-written result that
+Snakemake (or a user) could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated or inconsistent; the message names the file and tensor."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, payload: object) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF ``save_pretrained`` directory (single file or sharded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    index = directory / SAFETENSORS_INDEX
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [directory / shard for shard in shards]
+    elif (directory / SAFETENSORS_SINGLE).exists():
+        files = [directory / SAFETENSORS_SINGLE]
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {directory} (only safetensors checkpoints are read)")
+    for file in files:
+        if not file.exists():
+            raise CheckpointError(f"missing shard {file.name} listed in {index}")
+    return files
+
+
+class LazyCheckpoint:
+    """Read single tensors of a safetensors checkpoint on demand, without loading the whole model.
+
+    Works for a directory (single file or sharded with an index) or for one ``.safetensors`` file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path
+        files = [path] if path.is_file() else safetensors_files(path)
+        self._handles = []
+        self._where: dict[str, int] = {}
+        for position, file in enumerate(files):
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as error:  # safetensors raises its own error types for bad headers
+                raise CheckpointError(f"cannot read {file}: {error} (truncated or not a safetensors file?)") from error
+            self._handles.append(handle)
+            for key in handle.keys():
+                if key in self._where:
+                    raise CheckpointError(f"tensor {key!r} appears in two shards of {path}")
+                self._where[key] = position
+        self.metadata = self._handles[0].metadata() or {} if self._handles else {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise CheckpointError(f"tensor {key!r} not found in {self.path}")
+        try:
+            return self._handles[self._where[key]].get_tensor(key)
+        except Exception as error:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.path}: {error}") from error
+
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
+        """Shape and safetensors dtype string of a tensor, read from the header only."""
+        if key not in self._where:
+            raise CheckpointError(f"tensor {key!r} not found in {self.path}")
+        view = self._handles[self._where[key]].get_slice(key)
+        return tuple(view.get_shape()), view.get_dtype()
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(**extra: object) -> dict:
+    """What produced a result: library versions, code commit, host and time, plus ``extra``."""
+    import transformers
+
+    from epmq import __version__
+
+    record = {
+        "epmq_version": __version__,
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    record.update(extra)
+    return record

@@ -1,0 +1,1 @@
+"""Evaluators, aggregation and rendering of tables and figures."""
