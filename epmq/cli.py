@@ -15,6 +15,8 @@ import sys
 STAGES = {
     "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
     "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
+    "suite": ("epmq.suites.cli", "build an offline suite: pretrain, fine-tune experts, draw calibration sets"),
+    "evaluate": ("evals.cli", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
     "demo": ("epmq.demo", "quantize one random layer with every method and print the objectives"),
 }
 
