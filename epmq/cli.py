@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:  # bad input: one clear line, no traceback
+        logging.getLogger("epmq").debug("stage failed", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _requested_stage(argv: list[str] | None) -> set[str]:

@@ -101,25 +101,39 @@ class LazyCheckpoint:
     """Read single tensors of a safetensors checkpoint on demand, without loading the whole model.
 
     Works for a directory (single file or sharded with an index) or for one ``.safetensors`` file.
+    Each read opens the file, copies the one tensor out and unmaps the file again, so pages of
+    tensors already used do not stay resident: reading K experts layer by layer holds one layer of
+    each at most.
     """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.path = path
-        files = [path] if path.is_file() else safetensors_files(path)
-        self._handles = []
+        self._files = [path] if path.is_file() else safetensors_files(path)
         self._where: dict[str, int] = {}
-        for position, file in enumerate(files):
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as error:  # safetensors raises its own error types for bad headers
-                raise CheckpointError(f"cannot read {file}: {error} (truncated or not a safetensors file?)") from error
-            self._handles.append(handle)
-            for key in handle.keys():
-                if key in self._where:
-                    raise CheckpointError(f"tensor {key!r} appears in two shards of {path}")
-                self._where[key] = position
-        self.metadata = self._handles[0].metadata() or {} if self._handles else {}
+        self._headers: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.metadata: dict[str, str] = {}
+        for position, file in enumerate(self._files):
+            with self._open(file) as handle:
+                if position == 0:
+                    self.metadata = handle.metadata() or {}
+                for key in handle.keys():
+                    if key in self._where:
+                        raise CheckpointError(f"tensor {key!r} appears in two shards of {path}")
+                    self._where[key] = position
+                    view = handle.get_slice(key)
+                    self._headers[key] = (tuple(view.get_shape()), view.get_dtype())
+        self._resolved: dict[str, str] = {}
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(file: Path):
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as error:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"cannot read {file}: {error} (truncated or not a safetensors file?)") from error
+        with handle:
+            yield handle
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -127,20 +141,38 @@ class LazyCheckpoint:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def resolve(self, key: str) -> str:
+        """The stored key for a module's parameter ``key``, tolerating a different model prefix.
+
+        HF checkpoints of one architecture differ by a leading prefix (``vision_model.`` in
+        transformers 4 CLIPVisionModel files, none in transformers 5; ``model.`` in causal LMs), so
+        a key also matches a stored key that equals it after dropping leading dotted components
+        from one of the two. The match must be unique.
+        """
+        if key in self._where:
+            return key
+        if key not in self._resolved:
+            matches = [k for k in self._where if k.endswith("." + key) or key.endswith("." + k)]
+            if len(matches) != 1:
+                found = "no tensor" if not matches else f"{len(matches)} tensors ({matches[:3]})"
+                raise CheckpointError(f"{found} in {self.path} match parameter {key!r}")
+            self._resolved[key] = matches[0]
+        return self._resolved[key]
+
     def get(self, key: str) -> torch.Tensor:
-        if key not in self._where:
-            raise CheckpointError(f"tensor {key!r} not found in {self.path}")
+        """The tensor stored as ``key`` (or as its prefix variant, see :meth:`resolve`)."""
+        stored = self.resolve(key)
         try:
-            return self._handles[self._where[key]].get_tensor(key)
+            with self._open(self._files[self._where[stored]]) as handle:
+                return handle.get_tensor(stored).clone()
+        except CheckpointError:
+            raise
         except Exception as error:
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.path}: {error}") from error
+            raise CheckpointError(f"cannot read tensor {stored!r} from {self.path}: {error}") from error
 
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
         """Shape and safetensors dtype string of a tensor, read from the header only."""
-        if key not in self._where:
-            raise CheckpointError(f"tensor {key!r} not found in {self.path}")
-        view = self._handles[self._where[key]].get_slice(key)
-        return tuple(view.get_shape()), view.get_dtype()
+        return self._headers[self.resolve(key)]
 
 
 def _git_commit() -> str | None:

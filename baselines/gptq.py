@@ -1,0 +1,25 @@
+"""GPTQ (Frantar et al., 2023) on the merged weight: the shared solver with ``T = W_m``, ``H = H_q + damp I``."""
+
+from epmq.grid import rtn_quantize
+from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.solver import gptq_round, quadratic_objective
+from epmq.stats import damped
+
+
+@register_method("gptq")
+class GPTQ(QuantMethod):
+    def quantize(self, name, weight, stats):
+        p = self.params
+        target = weight.to(stats.hessian_sum.device)
+        hessian = damped(stats.hessian_sum, p["percdamp"])
+        rounded = gptq_round(target, hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"])
+        # Logged objective: the output error ||(Q - W_m) X||^2 per calibration token.
+        tokens = max(stats.tokens, 1)
+        before = rtn_quantize(target, p["bits"], p["group_size"], p["sym"]).weight
+        return LayerResult(
+            rounded,
+            {
+                "objective_before": quadratic_objective(before, target, stats.hessian_sum) / tokens,
+                "objective_after": quadratic_objective(rounded.weight, target, stats.hessian_sum) / tokens,
+            },
+        )

@@ -1,0 +1,227 @@
+"""The layer-wise calibration engine: quantize every linear of every block in forward order.
+
+Sequential, like the reference GPTQ drivers: the inputs of block b are the outputs of the
+already-quantized blocks 0..b-1, and inside a block each group of linears (those sharing one input)
+is quantized before the next group's inputs are collected. Statistics are collected per
+calibration task (E-PMQ folds each task with its expert's weight as soon as the task is done), and
+expert weights are read one tensor at a time from their safetensors files, so memory does not grow
+with the number of experts. The engine knows no model by name: a :class:`ModelAdapter` tells it
+which stacks of blocks exist and how to run a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from epmq.adapters import ModelAdapter, Stack, adapter_for, block_linears, linear_groups
+from epmq.io import LazyCheckpoint
+from epmq.methods import LayerResult, QuantMethod
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationTask:
+    """One task's calibration batches (model keyword inputs) and, for E-PMQ, its expert checkpoint."""
+
+    name: str
+    batches: list[dict[str, torch.Tensor]]
+    expert: LazyCheckpoint | None = None
+    sample_indices: list[int] | None = None
+
+
+@dataclass
+class QuantizationResult:
+    """What the engine produced: the replacement of each quantized linear and one record per layer."""
+
+    replacements: dict[str, LayerResult] = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _BlockInput:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    batch: dict
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+@contextlib.contextmanager
+def _tf32_off():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _to(value, device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def quantize_model(
+    model: nn.Module,
+    method: QuantMethod,
+    tasks: list[CalibrationTask] | None = None,
+    adapter: ModelAdapter | None = None,
+) -> QuantizationResult:
+    """Quantize ``model`` in place (weights replaced by their dequantized values) and return the result."""
+    adapter = adapter or adapter_for(model)
+    tasks = tasks or []
+    if method.needs_calibration and not tasks:
+        raise ValueError(f"method {method.name!r} needs calibration data")
+    if method.needs_experts:
+        missing = [task.name for task in tasks if task.expert is None]
+        if missing:
+            raise ValueError(f"method {method.name!r} needs an expert checkpoint for every task; missing: {missing}")
+    model.eval()
+    result = QuantizationResult()
+    start = time.perf_counter()
+    with torch.no_grad(), _tf32_off():
+        for stack in adapter.stacks(model):
+            inputs = _capture_stack_inputs(model, adapter, stack, tasks) if method.needs_calibration else None
+            for index, block in enumerate(stack.blocks):
+                block_start = time.perf_counter()
+                prefix = f"{stack.prefix}.{index}"
+                if inputs is None:
+                    for name, linear in block_linears(block).items():
+                        _quantize_linear(method, f"{prefix}.{name}", linear, None, 0.0, result)
+                else:
+                    _quantize_block(model, adapter, stack, block, prefix, inputs, tasks, method, result)
+                    _advance(adapter, block, inputs)
+                log.info(
+                    "%s block %d/%d quantized in %.2f s", stack.name, index + 1, len(stack.blocks),
+                    time.perf_counter() - block_start,
+                )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _capture_stack_inputs(model, adapter, stack: Stack, tasks) -> list[list[_BlockInput]]:
+    """The inputs of the stack's first block, for every batch of every task."""
+    device = next(model.parameters()).device
+    captured: list[_BlockInput] = []
+
+    def catch(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(_BlockInput(hidden, tuple(args[1:]), kwargs, {}))
+        raise _StopForward
+
+    handle = stack.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    per_task = []
+    try:
+        for task in tasks:
+            task_inputs = []
+            for batch in task.batches:
+                batch = {key: _to(value, device) for key, value in batch.items()}
+                with contextlib.suppress(_StopForward):
+                    adapter.run_model(model, batch)
+                if len(captured) != 1:
+                    raise RuntimeError(f"running a batch of task {task.name!r} did not reach {stack.prefix}.0")
+                block_input = captured.pop()
+                block_input.batch = batch
+                task_inputs.append(block_input)
+            per_task.append(task_inputs)
+    finally:
+        handle.remove()
+    return per_task
+
+
+def _run(block, block_input: _BlockInput):
+    return block(block_input.hidden, *block_input.args, **block_input.kwargs)
+
+
+def _quantize_block(model, adapter, stack, block, prefix, inputs, tasks, method: QuantMethod, result):
+    sample = inputs[0][0]
+    method.prepare_block(block, lambda: [[_run(block, x) for x in task] for task in inputs], adapter)
+    linears = block_linears(block)
+    for group in linear_groups(block, lambda: _run(block, sample)):
+        group_start = time.perf_counter()
+        stats = _collect_group_statistics(adapter, stack, block, prefix, group, linears, inputs, tasks, method)
+        per_layer = (time.perf_counter() - group_start) / len(group)
+        for name in group:
+            _quantize_linear(method, f"{prefix}.{name}", linears[name], stats, per_layer, result)
+
+
+def _collect_group_statistics(adapter, stack, block, prefix, group, linears, inputs, tasks, method):
+    first = linears[group[0]]
+    stats = method.statistics([f"{prefix}.{name}" for name in group], first.in_features, first.weight.device)
+    mask: list[torch.Tensor | None] = [None]
+
+    def accumulate(module, args):
+        x = args[0]
+        if mask[0] is not None and tuple(mask[0].shape) == tuple(x.shape[:-1]):
+            x = x[mask[0]]
+        stats.add_batch(x.reshape(-1, x.shape[-1]))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(accumulate)
+    try:
+        for task, task_inputs in zip(tasks, inputs):
+            for block_input in task_inputs:
+                mask[0] = adapter.input_mask(stack, group[0], block_input.batch)
+                with contextlib.suppress(_StopForward):
+                    _run(block, block_input)
+            stats.end_task(_expert_weights(task, stats.names, linears, group) if method.needs_experts else None)
+    finally:
+        handle.remove()
+    return stats
+
+
+def _expert_weights(task: CalibrationTask, full_names, linears, group) -> dict[str, torch.Tensor]:
+    weights = {}
+    for full_name, name in zip(full_names, group):
+        key = f"{full_name}.weight"
+        weight = task.expert.get(key)
+        expected = tuple(linears[name].weight.shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"expert of task {task.name!r} ({task.expert.path}): {key} has shape {tuple(weight.shape)}, "
+                f"the merged model has {expected}"
+            )
+        weights[full_name] = weight
+    return weights
+
+
+def _quantize_linear(method, full_name, linear: nn.Linear, stats, stats_seconds, result: QuantizationResult):
+    start = time.perf_counter()
+    layer = method.quantize(full_name, linear.weight.detach().float(), stats)
+    new_weight = layer.weight.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    if not torch.isfinite(new_weight).all():
+        raise FloatingPointError(f"{method.name} produced NaN/Inf for {full_name}")
+    linear.weight.data.copy_(new_weight)
+    record = {
+        "event": "layer",
+        "layer": full_name,
+        "method": method.name,
+        "seconds": round(time.perf_counter() - start + stats_seconds, 4),
+        **{key: (float(f"{value:.6g}") if isinstance(value, float) else value) for key, value in layer.record.items()},
+    }
+    if stats is not None:
+        record["tokens"] = stats.tokens
+    log.info(json.dumps(record))
+    result.replacements[full_name] = layer
+    result.records.append(record)
+
+
+def _advance(adapter, block, inputs) -> None:
+    """Replace every cached block input by the (quantized) block's output: the next block's input."""
+    for task_inputs in inputs:
+        for block_input in task_inputs:
+            output = _run(block, block_input)
+            block_input.hidden = adapter.block_output(output)
+            block_input.kwargs = adapter.next_block_kwargs(output, block_input.kwargs)

@@ -1,0 +1,58 @@
+"""E-PMQ (paper Algorithm 1): expert-guided targets with merged-weight anchoring, on GPTQ's solver.
+
+``epmq`` rounds ``W* = R H^-1`` with ``H = H_q + lam I``; ``epmq_fp`` keeps ``W*`` unrounded, which
+separates how much of E-PMQ's gain comes from correcting the merge (the target) and how much from
+the rounding.
+"""
+
+from epmq.grid import rtn_quantize
+from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.solver import gptq_round
+from epmq.stats import epmq_problem
+
+
+@register_method("epmq")
+class EPMQ(QuantMethod):
+    needs_experts = True
+    round_target = True
+
+    def problem(self, name, weight, stats):
+        p = self.params
+        return epmq_problem(
+            weight, stats.rhs[name], stats.expert_energy[name], stats.hessian_sum, p["alpha"], p["percdamp"]
+        )
+
+    def quantize(self, name, weight, stats):
+        p = self.params
+        problem = self.problem(name, weight, stats)
+        tokens = max(stats.tokens, 1)
+        record = {
+            "lam": problem.lam,
+            "fallback_damping": problem.fallback_damping,
+            # The E-PMQ objective (eq. 12) per calibration token, at the fp merged weight,
+            # at its RTN rounding (before) and at the result (after).
+            "objective_merged": problem.objective(weight) / tokens,
+            "objective_before": problem.objective(rtn_quantize(weight, p["bits"], p["group_size"], p["sym"]).weight)
+            / tokens,
+        }
+        if not self.round_target:
+            record["objective_after"] = problem.objective(problem.target) / tokens
+            return LayerResult(problem.target.float(), record)
+        rounded = gptq_round(
+            problem.target, problem.hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"]
+        )
+        record["objective_after"] = problem.objective(rounded.weight) / tokens
+        return LayerResult(rounded, record)
+
+    def describe(self):
+        return {**super().describe(), "alpha": self.params["alpha"]}
+
+
+@register_method("epmq_fp")
+class EPMQUnrounded(EPMQ):
+    """The E-PMQ target ``W*`` itself, left in full precision (an analysis row, not a quantizer)."""
+
+    round_target = False
+
+    def describe(self):
+        return {"alpha": self.params["alpha"], "percdamp": self.params["percdamp"], "hessian_dtype": self.params["hessian_dtype"]}

@@ -1,0 +1,118 @@
+"""The registry of quantization methods and the interface the calibration engine drives.
+
+A method turns a linear layer's merged weight plus the statistics the engine collected for it into
+a replacement weight. GPTQ and E-PMQ share the statistics (:class:`GroupStatistics`) and the
+rounding solver; they differ only in the ``(target, Hessian)`` they hand to it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+
+from epmq.grid import QuantizedWeight
+from epmq.stats import fold_expert
+
+#: modules whose import registers methods (baselines first: they are the reference rows)
+METHOD_MODULES = ("baselines.rtn", "baselines.gptq", "baselines.awq", "epmq.method")
+
+METHODS: dict[str, type[QuantMethod]] = {}
+
+
+def register_method(name: str):
+    def decorate(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_method(name: str, params: dict) -> QuantMethod:
+    """Instantiate the method registered as ``name`` with validated quantize ``params``."""
+    for module in METHOD_MODULES:
+        importlib.import_module(module)
+    if name not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name](params)
+
+
+class GroupStatistics:
+    """Calibration statistics of linears sharing one input, per task and summed.
+
+    ``hessian_sum`` is ``H_q = sum_i X_i X_i^T`` (float64). With ``fold_experts``, each finished task
+    is folded into ``rhs[name] += W_i H_i`` and ``expert_energy[name] += tr(W_i H_i W_i^T)`` for every
+    linear of the group, so memory does not grow with the number of tasks.
+    """
+
+    def __init__(self, names: list[str], d_in: int, *, fold_experts: bool, dtype: torch.dtype, device):
+        self.names = names
+        self.fold_experts = fold_experts
+        self.dtype = dtype
+        self.hessian_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self._task_hessian = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.tokens = 0
+        self.task_tokens: list[int] = []
+        self.rhs: dict[str, torch.Tensor] = {}
+        self.expert_energy: dict[str, float] = {name: 0.0 for name in names}
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """Add tokens (n x d_in) of the current task."""
+        x = inputs.to(self.dtype)
+        self._task_hessian.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def end_task(self, expert_weights: dict[str, torch.Tensor] | None) -> None:
+        """Close the current task: fold its Hessian (and, for E-PMQ, its expert weights)."""
+        if not torch.isfinite(self._task_hessian).all():
+            raise ValueError(f"calibration inputs of {self.names} contain NaN or Inf")
+        if self.fold_experts:
+            if expert_weights is None:
+                raise ValueError("this method needs expert weights for every calibration task")
+            for name in self.names:
+                product, energy = fold_expert(expert_weights[name], self._task_hessian)
+                self.rhs[name] = self.rhs[name] + product if name in self.rhs else product
+                self.expert_energy[name] += energy
+        self.hessian_sum += self._task_hessian.double()
+        self.task_tokens.append(self.tokens - sum(self.task_tokens))
+        self._task_hessian.zero_()
+
+
+@dataclass
+class LayerResult:
+    """A method's answer for one linear: the new weight (on the grid, or fp) and log fields."""
+
+    replacement: QuantizedWeight | torch.Tensor
+    record: dict = field(default_factory=dict)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.replacement.weight if isinstance(self.replacement, QuantizedWeight) else self.replacement
+
+
+class QuantMethod:
+    """Base class: subclasses set the flags and implement :meth:`quantize`."""
+
+    name: str = ""
+    needs_calibration: bool = True
+    needs_experts: bool = False
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def statistics(self, names: list[str], d_in: int, device) -> GroupStatistics:
+        dtype = getattr(torch, self.params["hessian_dtype"])
+        return GroupStatistics(names, d_in, fold_experts=self.needs_experts, dtype=dtype, device=device)
+
+    def prepare_block(self, block, run_block, adapter) -> None:
+        """Hook before a block's linears are quantized (AWQ rescales here); default: nothing."""
+
+    def quantize(self, name: str, weight: torch.Tensor, stats: GroupStatistics | None) -> LayerResult:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Parameters recorded in ``quantization.json``."""
+        keys = ("bits", "group_size", "sym", "act_order", "block_size", "percdamp", "hessian_dtype")
+        return {key: self.params[key] for key in keys}

@@ -1,0 +1,133 @@
+"""One rounding solver for every quadratic layer objective: GPTQ's sequential rounding.
+
+Minimises ``tr((Q - T) H (Q - T)^T)`` over weights ``Q`` on the b-bit grid (``epmq.grid``), column
+by column, spreading each column's rounding error onto the columns not yet rounded through the
+upper Cholesky factor of ``H^-1`` (Frantar et al., 2023, Algorithm 1; IST-DASLab/gptq ``gptq.py``).
+
+GPTQ and E-PMQ are the same call with different statistics (method.md section 2):
+
+* GPTQ:  ``T = W_m``,                   ``H = H_q + percdamp * mean(diag H_q) I``
+* E-PMQ: ``T = W* = R H^-1`` (eq. 20),  ``H = H_q + lam I`` (eq. 15)
+
+The solver adds no damping itself; a Hessian that is not positive definite is an error
+(:class:`NotPositiveDefiniteError`), and callers decide how to damp.
+
+Differences from the reference implementation, both in the direction of the stated algorithm:
+a group's scale and zero are fitted on the *current* columns, i.e. including the error updates
+made earlier inside the same 128-column block (the reference reads the block's columns as they
+were when the block started); and the Cholesky factorisation runs in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from epmq.grid import QuantizedWeight, dequantize_codes, fit_scale_zero, group_index, quantize_codes
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The Hessian handed to the solver has no Cholesky factorisation."""
+
+
+def quadratic_objective(weight: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr((Q - T) H (Q - T)^T)`` in float64."""
+    diff = (weight.double() - target.double())
+    return float(((diff @ hessian.double()) * diff).sum())
+
+
+def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), computed in float64."""
+    h = hessian.double()
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NotPositiveDefiniteError(
+            f"Hessian is not positive definite (leading minor {int(info)} of {h.shape[0]}); add damping"
+        )
+    inverse = torch.cholesky_inverse(factor)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if int(info) != 0:
+        raise NotPositiveDefiniteError("inverse Hessian lost positive definiteness numerically; add damping")
+    return upper
+
+
+def gptq_round(
+    target: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool = False,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """Round ``target`` (d_out x d_in) onto the grid minimising ``tr((Q - T) H (Q - T)^T)``.
+
+    Columns whose Hessian diagonal is zero ("dead": no calibration signal) are set to zero, as in
+    GPTQ. With ``act_order`` columns are processed by descending ``diag(H)``, and groups are formed
+    in that order (recorded in ``g_idx``). Returns a :class:`QuantizedWeight` whose ``.weight`` is the
+    dequantized result in the target's column order.
+    """
+    if target.dim() != 2:
+        raise ValueError(f"target must be 2-D (d_out x d_in), got shape {tuple(target.shape)}")
+    d_out, d_in = target.shape
+    if hessian.shape != (d_in, d_in):
+        raise ValueError(f"hessian must be {d_in} x {d_in} for a target with d_in={d_in}, got {tuple(hessian.shape)}")
+    if not torch.isfinite(target).all() or not torch.isfinite(hessian).all():
+        raise ValueError("target and hessian must be finite (found NaN or Inf)")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    size = d_in if group_size == -1 else group_size
+    if size <= 0:
+        raise ValueError(f"group_size must be positive or -1, got {group_size}")
+
+    w = target.detach().to(torch.float32).clone()
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    if dead.any():
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_cholesky_upper(h).to(torch.float32)
+
+    n_groups = -(-d_in // size)
+    codes = torch.empty_like(w)
+    scales = torch.empty(d_out, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    for i1 in range(0, d_in, block_size):
+        i2 = min(i1 + block_size, d_in)
+        block = w[:, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        u_block = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = i1 + i
+            if column % size == 0:
+                scale, zero = fit_scale_zero(_current_group(w, block, errors, u, i1, i2, i, size), bits, sym)
+                scales[:, column // size], zeros[:, column // size] = scale, zero
+            q = quantize_codes(block[:, i], scale, zero, bits)
+            codes[:, column] = q
+            error = (block[:, i] - dequantize_codes(q, scale, zero)) / u_block[i, i]
+            block[:, i:] -= error[:, None] * u_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+
+    g_idx = group_index(d_in, group_size, perm)
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return QuantizedWeight(
+        codes.to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(w.device), bits, group_size, sym
+    )
+
+
+def _current_group(w, block, errors, u, i1, i2, i, size):
+    """The error-updated columns of the group starting at block column ``i``.
+
+    Columns inside the block are read from ``block`` (updated column by column); columns past the
+    block still owe the block's pending lazy update, which is applied here to a copy.
+    """
+    start, end = i1 + i, min(i1 + i + size, w.shape[1])
+    if end <= i2:
+        return block[:, i : end - i1]
+    beyond = w[:, i2:end] - errors[:, :i] @ u[i1 : i1 + i, i2:end]
+    return torch.cat([block[:, i:], beyond], dim=1)

@@ -1,0 +1,60 @@
+"""Small models of the paper's architectures, built from config (no download), and their experts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # non-trivial weights: wider than the default init, a few outlier channels
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0, 0.08)
+                module.weight[:, :2] *= 8
+    return model.eval()
+
+
+def tiny_clip_vision(seed: int = 0) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=32,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+def save_experts(model: torch.nn.Module, directory: Path, k: int, scale: float = 0.02) -> list[Path]:
+    """K experts = the model's weights plus independent perturbations, saved as safetensors."""
+    paths = []
+    for index in range(k):
+        generator = torch.Generator().manual_seed(100 + index)
+        state = {
+            key: (value + scale * torch.randn(value.shape, generator=generator)).contiguous()
+            for key, value in model.state_dict().items()
+            if value.is_floating_point() and key != "lm_head.weight"
+        }
+        path = directory / f"expert{index}"
+        path.mkdir(parents=True)
+        save_file(state, str(path / "model.safetensors"))
+        paths.append(path)
+    return paths
+
+
+def text_batches(n_batches: int, batch: int = 4, length: int = 16, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 128, (batch, length), generator=g)} for _ in range(n_batches)]
+
+
+def image_batches(n_batches: int, batch: int = 4, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)} for _ in range(n_batches)]
