@@ -12,7 +12,9 @@ class GPTQ(QuantMethod):
         p = self.params
         target = weight.to(stats.hessian_sum.device)
         hessian = damped(stats.hessian_sum, p["percdamp"])
-        rounded = gptq_round(target, hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"])
+        rounded = gptq_round(
+            target, hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"], p["static_groups"]
+        )
         # Logged objective: the output error ||(Q - W_m) X||^2 per calibration token.
         tokens = max(stats.tokens, 1)
         before = rtn_quantize(target, p["bits"], p["group_size"], p["sym"]).weight

@@ -149,37 +149,56 @@ def _quantize_block(model, adapter, stack, block, prefix, inputs, tasks, method:
     sample = inputs[0][0]
     method.prepare_block(block, lambda: [[_run(block, x) for x in task] for task in inputs], adapter)
     linears = block_linears(block)
-    for group in linear_groups(block, lambda: _run(block, sample)):
-        group_start = time.perf_counter()
-        stats = _collect_group_statistics(adapter, stack, block, prefix, group, linears, inputs, tasks, method)
-        per_layer = (time.perf_counter() - group_start) / len(group)
-        for name in group:
-            _quantize_linear(method, f"{prefix}.{name}", linears[name], stats, per_layer, result)
+    groups = linear_groups(block, lambda: _run(block, sample))
+    # True-sequential: each group's inputs are collected after the earlier groups are quantized;
+    # otherwise one pass over the fp block collects every group's statistics (llm-compressor).
+    passes = [[group] for group in groups] if method.params["true_sequential"] else [groups]
+    for pass_groups in passes:
+        pass_start = time.perf_counter()
+        all_stats = _collect_statistics(adapter, stack, block, prefix, pass_groups, linears, inputs, tasks, method)
+        per_layer = (time.perf_counter() - pass_start) / sum(len(group) for group in pass_groups)
+        for group, stats in zip(pass_groups, all_stats):
+            for name in group:
+                _quantize_linear(method, f"{prefix}.{name}", linears[name], stats, per_layer, result)
 
 
-def _collect_group_statistics(adapter, stack, block, prefix, group, linears, inputs, tasks, method):
-    first = linears[group[0]]
-    stats = method.statistics([f"{prefix}.{name}" for name in group], first.in_features, first.weight.device)
-    mask: list[torch.Tensor | None] = [None]
-
-    def accumulate(module, args):
-        x = args[0]
-        if mask[0] is not None and tuple(mask[0].shape) == tuple(x.shape[:-1]):
-            x = x[mask[0]]
-        stats.add_batch(x.reshape(-1, x.shape[-1]))
-        raise _StopForward
-
-    handle = first.register_forward_pre_hook(accumulate)
+def _collect_statistics(adapter, stack, block, prefix, groups, linears, inputs, tasks, method):
+    """Statistics of each group's shared input over every task, in one pass per batch."""
+    all_stats = []
+    handles = []
+    masks: dict[str, torch.Tensor | None] = {}
     try:
+        for position, group in enumerate(groups):
+            first = linears[group[0]]
+            stats = method.statistics([f"{prefix}.{name}" for name in group], first.in_features, first.weight.device)
+            all_stats.append(stats)
+            last = position == len(groups) - 1
+            handles.append(first.register_forward_pre_hook(_accumulator(stats, masks, group[0], stop=last)))
         for task, task_inputs in zip(tasks, inputs):
             for block_input in task_inputs:
-                mask[0] = adapter.input_mask(stack, group[0], block_input.batch)
+                for group in groups:
+                    masks[group[0]] = adapter.input_mask(stack, group[0], block_input.batch)
                 with contextlib.suppress(_StopForward):
                     _run(block, block_input)
-            stats.end_task(_expert_weights(task, stats.names, linears, group) if method.needs_experts else None)
+            for group, stats in zip(groups, all_stats):
+                stats.end_task(_expert_weights(task, stats.names, linears, group) if method.needs_experts else None)
     finally:
-        handle.remove()
-    return stats
+        for handle in handles:
+            handle.remove()
+    return all_stats
+
+
+def _accumulator(stats, masks, name, stop: bool):
+    def accumulate(module, args):
+        x = args[0]
+        mask = masks.get(name)
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+            x = x[mask]
+        stats.add_batch(x.reshape(-1, x.shape[-1]))
+        if stop:  # nothing after this linear is needed: skip the rest of the block
+            raise _StopForward
+
+    return accumulate
 
 
 def _expert_weights(task: CalibrationTask, full_names, linears, group) -> dict[str, torch.Tensor]:

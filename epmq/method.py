@@ -39,7 +39,8 @@ class EPMQ(QuantMethod):
             record["objective_after"] = problem.objective(problem.target) / tokens
             return LayerResult(problem.target.float(), record)
         rounded = gptq_round(
-            problem.target, problem.hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"]
+            problem.target, problem.hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"],
+            p["static_groups"],
         )
         record["objective_after"] = problem.objective(rounded.weight) / tokens
         return LayerResult(rounded, record)

@@ -58,13 +58,16 @@ def gptq_round(
     sym: bool = False,
     act_order: bool = False,
     block_size: int = 128,
+    static_groups: bool = False,
 ) -> QuantizedWeight:
     """Round ``target`` (d_out x d_in) onto the grid minimising ``tr((Q - T) H (Q - T)^T)``.
 
     Columns whose Hessian diagonal is zero ("dead": no calibration signal) are set to zero, as in
     GPTQ. With ``act_order`` columns are processed by descending ``diag(H)``, and groups are formed
-    in that order (recorded in ``g_idx``). Returns a :class:`QuantizedWeight` whose ``.weight`` is the
-    dequantized result in the target's column order.
+    in that order (recorded in ``g_idx``). ``static_groups`` instead fits every group once, up front,
+    on the target's consecutive columns (the reference's ``--static-groups``, and what llm-compressor
+    does); act-order then only changes the processing order. Returns a :class:`QuantizedWeight`
+    whose ``.weight`` is the dequantized result in the target's column order.
     """
     if target.dim() != 2:
         raise ValueError(f"target must be 2-D (d_out x d_in), got shape {tuple(target.shape)}")
@@ -85,6 +88,7 @@ def gptq_round(
     if dead.any():
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
+    static = _static_group_grids(w, bits, size, sym) if static_groups else None
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
@@ -102,7 +106,10 @@ def gptq_round(
         u_block = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = i1 + i
-            if column % size == 0:
+            if static is not None:
+                group = int(perm[column] if perm is not None else column) // size
+                scale, zero = static[0][:, group], static[1][:, group]
+            elif column % size == 0:
                 scale, zero = fit_scale_zero(_current_group(w, block, errors, u, i1, i2, i, size), bits, sym)
                 scales[:, column // size], zeros[:, column // size] = scale, zero
             q = quantize_codes(block[:, i], scale, zero, bits)
@@ -112,12 +119,20 @@ def gptq_round(
             errors[:, i] = error
         w[:, i2:] -= errors @ u[i1:i2, i2:]
 
-    g_idx = group_index(d_in, group_size, perm)
+    if static is not None:
+        scales, zeros = static
+    g_idx = group_index(d_in, group_size, None if static_groups else perm)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(
         codes.to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(w.device), bits, group_size, sym
     )
+
+
+def _static_group_grids(w, bits, size, sym):
+    """Scale and zero of every group of consecutive columns, fitted on the unmodified target."""
+    grids = [fit_scale_zero(w[:, start : start + size], bits, sym) for start in range(0, w.shape[1], size)]
+    return torch.stack([g[0] for g in grids], dim=1), torch.stack([g[1] for g in grids], dim=1)
 
 
 def _current_group(w, block, errors, u, i1, i2, i, size):

@@ -58,3 +58,27 @@ def text_batches(n_batches: int, batch: int = 4, length: int = 16, seed: int = 0
 def image_batches(n_batches: int, batch: int = 4, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)} for _ in range(n_batches)]
+
+
+def outlier_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A small Llama with non-trivial random weights: weight outliers and large activation channels."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+                outliers = torch.randint(0, param.numel(), (max(1, param.numel() // 1000),), generator=g)
+                param.view(-1)[outliers] *= 10.0
+            else:  # RMSNorm weights
+                param.copy_(0.5 + torch.rand(param.shape, generator=g))
+        model.model.embed_tokens.weight[:, :3] *= 8.0
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[5:8] *= 6.0
+            layer.post_attention_layernorm.weight[9:12] *= 6.0
+    return model

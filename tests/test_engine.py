@@ -62,6 +62,19 @@ def test_outputs_stay_close_at_8_bits(build, method, tmp_path):
     assert (out - ref).norm() / ref.norm() < 0.02
 
 
+def input_gram(model, name, tasks):
+    """X^T X of the inputs ``name`` receives when the tasks' batches run through ``model``."""
+    captured = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    with torch.no_grad():
+        for task in tasks:
+            for batch in task.batches:
+                model(**batch)
+    handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
+    return x.T @ x
+
+
 class RecordingGPTQ(GPTQ):
     name = "recording_gptq"
 
@@ -81,22 +94,26 @@ def test_statistics_come_from_the_partially_quantized_model(tmp_path):
     method = RecordingGPTQ(method_params("quantize", bits=3, group_size=32, hessian_dtype="float64"))
     quantize_model(model, method, tasks)
 
-    def inputs_of(m, name):
-        captured = []
-        handle = m.get_submodule(name).register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
-        with torch.no_grad():
-            for task in tasks:
-                for batch in task.batches:
-                    m(**batch)
-        handle.remove()
-        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
-        return x.T @ x
-
     # Block 1's inputs and block 0's MLP inputs depend only on already-quantized layers.
     for name in ["model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"]:
-        expected = inputs_of(model, name)
+        expected = input_gram(model, name, tasks)
         assert torch.allclose(method.hessians[name], expected, rtol=1e-6, atol=1e-6 * expected.abs().max())
-        assert not torch.allclose(method.hessians[name], inputs_of(fp_model, name), rtol=1e-3)
+        assert not torch.allclose(method.hessians[name], input_gram(fp_model, name, tasks), rtol=1e-3)
+
+
+def test_one_pass_per_block_collects_every_group_from_the_block_inputs(tmp_path):
+    model = tiny_llama()
+    fp_model = copy.deepcopy(model)
+    tasks = tasks_for(model, tmp_path)
+    method = RecordingGPTQ(method_params("quantize", bits=3, group_size=32, hessian_dtype="float64", true_sequential=False))
+    quantize_model(model, method, tasks)
+
+    # down_proj of block 0 sees the fp block (nothing of block 0 was quantized during the pass),
+    # while block 1 still sees the quantized block 0.
+    fp_down = input_gram(fp_model, "model.layers.0.mlp.down_proj", tasks)
+    assert torch.allclose(method.hessians["model.layers.0.mlp.down_proj"], fp_down, rtol=1e-6, atol=1e-6 * fp_down.abs().max())
+    q_next = input_gram(model, "model.layers.1.self_attn.q_proj", tasks)
+    assert torch.allclose(method.hessians["model.layers.1.self_attn.q_proj"], q_next, rtol=1e-6, atol=1e-6 * q_next.abs().max())
 
 
 def test_epmq_needs_experts_and_matching_shapes(tmp_path):

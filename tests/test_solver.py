@@ -117,3 +117,14 @@ def test_rejects_bad_input():
         gptq_round(torch.full((2, 4), float("nan")), torch.eye(4), 4, 2)
     with pytest.raises(NotPositiveDefiniteError):
         gptq_round(torch.randn(2, 4), -torch.eye(4), 4, 2)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_static_groups_fit_each_group_once_on_the_target(act_order):
+    w = torch.randn(8, 96)
+    x = ill_conditioned_inputs(96, 400)
+    q = gptq_round(w, damped(x @ x.T, 0.01), 4, 32, act_order=act_order, static_groups=True)
+    rtn = rtn_quantize(w, 4, 32)
+    assert torch.equal(q.g_idx, torch.arange(96) // 32)  # groups stay consecutive under act-order
+    assert torch.equal(q.scales, rtn.scales) and torch.equal(q.zeros, rtn.zeros)
+    assert torch.equal(gptq_round(w, torch.eye(96), 4, 32, static_groups=True).weight, rtn.weight)
