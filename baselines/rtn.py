@@ -7,6 +7,7 @@ from epmq.methods import LayerResult, QuantMethod, register_method
 @register_method("rtn")
 class RTN(QuantMethod):
     needs_calibration = False
+    collects_statistics = False
 
     def quantize(self, name, weight, stats):
         p = self.params

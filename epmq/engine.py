@@ -58,6 +58,50 @@ class _StopForward(Exception):
     """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
 
 
+@dataclass
+class BlockContext:
+    """One block being quantized, with the cached inputs of every calibration batch of every task."""
+
+    adapter: ModelAdapter
+    stack: Stack
+    block: nn.Module
+    prefix: str
+    inputs: list[list[_BlockInput]]
+
+    def all_inputs(self) -> list[_BlockInput]:
+        return [block_input for task_inputs in self.inputs for block_input in task_inputs]
+
+    def run(self, block_input: _BlockInput):
+        """The block's raw output on one cached input."""
+        return self.block(block_input.hidden, *block_input.args, **block_input.kwargs)
+
+    def hidden(self, output) -> torch.Tensor:
+        return self.adapter.block_output(output)
+
+    def linear_inputs(self, name: str) -> torch.Tensor:
+        """Every counted token (n x d_in) that reaches linear ``name`` (relative to the block)."""
+        chunks = []
+        stats = _TokenCollector(chunks)
+        masks = {}
+        handle = self.block.get_submodule(name).register_forward_pre_hook(_accumulator(stats, masks, name, stop=True))
+        try:
+            for block_input in self.all_inputs():
+                masks[name] = self.adapter.input_mask(self.stack, name, block_input.batch)
+                with contextlib.suppress(_StopForward):
+                    self.run(block_input)
+        finally:
+            handle.remove()
+        return torch.cat(chunks)
+
+
+class _TokenCollector:
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+
+    def add_batch(self, tokens: torch.Tensor) -> None:
+        self.chunks.append(tokens)
+
+
 @contextlib.contextmanager
 def _tf32_off():
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
@@ -100,8 +144,11 @@ def quantize_model(
                     for name, linear in block_linears(block).items():
                         _quantize_linear(method, f"{prefix}.{name}", linear, None, 0.0, result)
                 else:
-                    _quantize_block(model, adapter, stack, block, prefix, inputs, tasks, method, result)
-                    _advance(adapter, block, inputs)
+                    context = BlockContext(adapter, stack, block, prefix, inputs)
+                    fp_outputs = None if method.quantized_inputs else [context.run(x) for x in context.all_inputs()]
+                    method.prepare_block(context)
+                    _quantize_block(context, tasks, method, result)
+                    _advance(context, fp_outputs)
                 log.info(
                     "%s block %d/%d quantized in %.2f s", stack.name, index + 1, len(stack.blocks),
                     time.perf_counter() - block_start,
@@ -141,28 +188,26 @@ def _capture_stack_inputs(model, adapter, stack: Stack, tasks) -> list[list[_Blo
     return per_task
 
 
-def _run(block, block_input: _BlockInput):
-    return block(block_input.hidden, *block_input.args, **block_input.kwargs)
-
-
-def _quantize_block(model, adapter, stack, block, prefix, inputs, tasks, method: QuantMethod, result):
-    sample = inputs[0][0]
-    method.prepare_block(block, lambda: [[_run(block, x) for x in task] for task in inputs], adapter)
-    linears = block_linears(block)
-    groups = linear_groups(block, lambda: _run(block, sample))
+def _quantize_block(context: BlockContext, tasks, method: QuantMethod, result):
+    linears = block_linears(context.block)
+    if not method.collects_statistics:
+        for name, linear in linears.items():
+            _quantize_linear(method, f"{context.prefix}.{name}", linear, None, 0.0, result)
+        return
+    groups = linear_groups(context.block, lambda: context.run(context.inputs[0][0]))
     # True-sequential: each group's inputs are collected after the earlier groups are quantized;
     # otherwise one pass over the fp block collects every group's statistics (llm-compressor).
     passes = [[group] for group in groups] if method.params["true_sequential"] else [groups]
     for pass_groups in passes:
         pass_start = time.perf_counter()
-        all_stats = _collect_statistics(adapter, stack, block, prefix, pass_groups, linears, inputs, tasks, method)
+        all_stats = _collect_statistics(context, pass_groups, linears, tasks, method)
         per_layer = (time.perf_counter() - pass_start) / sum(len(group) for group in pass_groups)
         for group, stats in zip(pass_groups, all_stats):
             for name in group:
-                _quantize_linear(method, f"{prefix}.{name}", linears[name], stats, per_layer, result)
+                _quantize_linear(method, f"{context.prefix}.{name}", linears[name], stats, per_layer, result)
 
 
-def _collect_statistics(adapter, stack, block, prefix, groups, linears, inputs, tasks, method):
+def _collect_statistics(context: BlockContext, groups, linears, tasks, method):
     """Statistics of each group's shared input over every task, in one pass per batch."""
     all_stats = []
     handles = []
@@ -170,16 +215,17 @@ def _collect_statistics(adapter, stack, block, prefix, groups, linears, inputs, 
     try:
         for position, group in enumerate(groups):
             first = linears[group[0]]
-            stats = method.statistics([f"{prefix}.{name}" for name in group], first.in_features, first.weight.device)
+            names = [f"{context.prefix}.{name}" for name in group]
+            stats = method.statistics(names, first.in_features, first.weight.device)
             all_stats.append(stats)
             last = position == len(groups) - 1
             handles.append(first.register_forward_pre_hook(_accumulator(stats, masks, group[0], stop=last)))
-        for task, task_inputs in zip(tasks, inputs):
+        for task, task_inputs in zip(tasks, context.inputs):
             for block_input in task_inputs:
                 for group in groups:
-                    masks[group[0]] = adapter.input_mask(stack, group[0], block_input.batch)
+                    masks[group[0]] = context.adapter.input_mask(context.stack, group[0], block_input.batch)
                 with contextlib.suppress(_StopForward):
-                    _run(block, block_input)
+                    context.run(block_input)
             for group, stats in zip(groups, all_stats):
                 stats.end_task(_expert_weights(task, stats.names, linears, group) if method.needs_experts else None)
     finally:
@@ -237,10 +283,13 @@ def _quantize_linear(method, full_name, linear: nn.Linear, stats, stats_seconds,
     result.records.append(record)
 
 
-def _advance(adapter, block, inputs) -> None:
-    """Replace every cached block input by the (quantized) block's output: the next block's input."""
-    for task_inputs in inputs:
-        for block_input in task_inputs:
-            output = _run(block, block_input)
-            block_input.hidden = adapter.block_output(output)
-            block_input.kwargs = adapter.next_block_kwargs(output, block_input.kwargs)
+def _advance(context: BlockContext, outputs: list | None) -> None:
+    """Replace every cached block input by the block's output on it: the next block's input.
+
+    ``outputs`` are precomputed outputs (of the fp block, for methods whose later blocks see fp
+    inputs); by default the already-quantized block is run.
+    """
+    for position, block_input in enumerate(context.all_inputs()):
+        output = context.run(block_input) if outputs is None else outputs[position]
+        block_input.hidden = context.hidden(output)
+        block_input.args, block_input.kwargs = context.adapter.next_block_inputs(output, block_input.args, block_input.kwargs)

@@ -97,7 +97,11 @@ class QuantMethod:
 
     name: str = ""
     needs_calibration: bool = True
+    #: collect per-group Hessians (GPTQ, E-PMQ); AWQ searches on the block instead
+    collects_statistics: bool = True
     needs_experts: bool = False
+    #: later blocks see the outputs of quantized blocks (GPTQ drivers) rather than of fp blocks (AWQ)
+    quantized_inputs: bool = True
 
     def __init__(self, params: dict):
         self.params = params
@@ -106,8 +110,11 @@ class QuantMethod:
         dtype = getattr(torch, self.params["hessian_dtype"])
         return GroupStatistics(names, d_in, fold_experts=self.needs_experts, dtype=dtype, device=device)
 
-    def prepare_block(self, block, run_block, adapter) -> None:
-        """Hook before a block's linears are quantized (AWQ rescales here); default: nothing."""
+    def prepare_block(self, context) -> None:
+        """Hook before a block's linears are quantized (AWQ rescales here); default: nothing.
+
+        ``context`` is an :class:`epmq.engine.BlockContext`.
+        """
 
     def quantize(self, name: str, weight: torch.Tensor, stats: GroupStatistics | None) -> LayerResult:
         raise NotImplementedError

@@ -82,3 +82,37 @@ def outlier_llama(seed: int = 0) -> LlamaForCausalLM:
             layer.input_layernorm.weight[5:8] *= 6.0
             layer.post_attention_layernorm.weight[9:12] *= 6.0
     return model
+
+
+def tiny_bert(seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    return BertModel(config).eval()
+
+
+def tiny_t5(seed: int = 0, gated: bool = True):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, feed_forward_proj="gated-gelu" if gated else "relu", decoder_start_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def padded_text_batches(n_batches: int, batch: int = 4, length: int = 16, seed: int = 0, targets: bool = False):
+    """Text batches with right padding (and teacher-forced targets for encoder-decoders)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(1, 128, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        for row, keep in enumerate(torch.randint(length // 2, length + 1, (batch,), generator=g).tolist()):
+            mask[row, keep:] = 0
+        item = {"input_ids": ids * mask, "attention_mask": mask}
+        if targets:
+            item["labels"] = torch.randint(1, 128, (batch, 6), generator=g)
+        batches.append(item)
+    return batches

@@ -1,4 +1,4 @@
-"""Our GPTQ against the maintained reference, llm-compressor, on a small Llama built from config.
+"""Our GPTQ and AWQ against the maintained reference, llm-compressor, on a small Llama built from config.
 
 Per-layer output error: ``||(Q - W) X||_F / ||W X||_F`` with ``X`` the layer's inputs in the fp
 model on the calibration data, for the weights each implementation produced from the same model,
@@ -6,6 +6,13 @@ data, bits, group size, damping and act-order setting. llm-compressor fits group
 unmodified weight and collects a block's statistics in one pass; with those two variants switched
 on, ours must agree within 5% on every layer. Our defaults (grids fitted on error-updated columns,
 true-sequential) are checked to be no worse in total.
+
+AWQ folds scales into norms and preceding linears, so each implementation's stored weight ``Q``
+stands for the fp weight ``diag(s_out) Q diag(1/s_in)``: the per-layer error compares that
+effective weight with the original one on the original inputs. llm-compressor's AWQ uses
+AutoAWQ's duo scaling and no clip search; with those settings ours must agree within 10% on every
+layer, and with our defaults (llm-awq's scaling, clip search) be within 10% or better on every
+layer and better than RTN.
 """
 
 import copy
@@ -19,7 +26,8 @@ from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.methods import get_method  # noqa: E402
 from tests.models import outlier_llama  # noqa: E402
-from tests.reference_quantizers import run_llmcompressor_gptq  # noqa: E402
+from epmq.grid import rtn_quantize  # noqa: E402
+from tests.reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
 from tests.test_engine import input_gram  # noqa: E402
 
 pytestmark = pytest.mark.reference
@@ -34,12 +42,15 @@ def setting():
     return model, ids, tasks
 
 
-def relative_output_errors(model, tasks, weights):
+def relative_output_errors(model, tasks, weights, input_scales=None, output_scales=None):
+    """``||(W_eff - W) X|| / ||W X||`` per layer, ``W_eff = diag(s_out) Q diag(1/s_in)``."""
     errors = {}
     for name, weight in weights.items():
         gram = input_gram(model, name, tasks)
         reference = model.get_submodule(name).weight.detach().double()
-        diff = weight.double() - reference
+        s_in = (input_scales or {}).get(name, torch.ones(reference.shape[1])).double()
+        s_out = (output_scales or {}).get(name, torch.ones(reference.shape[0])).double()
+        diff = s_out[:, None] * weight.double() / s_in[None, :] - reference
         errors[name] = float(((diff @ gram) * diff).sum() / ((reference @ gram) * reference).sum()) ** 0.5
     return errors
 
@@ -66,3 +77,28 @@ def test_gptq_matches_llmcompressor_per_layer(setting, act_order):
         assert matched[name] == pytest.approx(ref_errors[name], rel=0.05), name
     default = relative_output_errors(model, tasks, ours(model, tasks, act_order=act_order))
     assert sum(default.values()) <= 1.02 * sum(ref_errors.values())
+
+
+def test_awq_matches_llmcompressor_per_layer(setting):
+    model, ids, tasks = setting
+    reference = run_llmcompressor_awq(model, ids, bits=BITS, group_size=GROUP, sym=False)
+    ref_in = {linear: s for smooth, s in reference.awq_scales.items() for linear in reference.awq_mappings[smooth]}
+    ref_out = {smooth: s for smooth, s in reference.awq_scales.items() if smooth.endswith("_proj")}
+    ref_errors = relative_output_errors(model, tasks, reference.weights, ref_in, ref_out)
+    rtn_errors = relative_output_errors(
+        model, tasks, {name: rtn_quantize(model.get_submodule(name).weight.detach(), BITS, GROUP).weight for name in ref_errors}
+    )
+
+    def ours_awq(**awq):
+        method = get_method("awq", method_params("quantize", bits=BITS, group_size=GROUP, awq=awq))
+        result = quantize_model(copy.deepcopy(model), method, tasks)
+        weights = {name: layer.weight for name, layer in result.replacements.items()}
+        return relative_output_errors(model, tasks, weights, method.input_scales, method.output_scales)
+
+    matched = ours_awq(duo_scaling=True, clip=False)
+    default = ours_awq()
+    assert set(matched) == set(ref_errors) and len(matched) == 14
+    for name in ref_errors:
+        assert matched[name] == pytest.approx(ref_errors[name], rel=0.10), name
+        assert default[name] <= 1.10 * ref_errors[name], name
+        assert default[name] < rtn_errors[name], name

@@ -25,11 +25,25 @@ class Stack:
     blocks: nn.ModuleList
 
 
+@dataclass(frozen=True)
+class AwqGroup:
+    """An AWQ scaling group: linears sharing one input, and the module that produces that input.
+
+    Scaling the linears' input columns by ``s`` is undone exactly by dividing the output channels
+    of ``previous`` (a norm's weight and bias, or a linear's rows and bias) by ``s``.
+    """
+
+    previous: str
+    linears: tuple[str, ...]
+
+
 class ModelAdapter:
     """Base adapter: override :meth:`stacks`; the rest has generic defaults."""
 
     #: HF ``config.model_type`` values this adapter serves.
     model_types: tuple[str, ...] = ()
+    #: name suffixes of linears whose AWQ clip search is skipped (queries and keys, as in llm-awq)
+    awq_no_clip: tuple[str, ...] = ()
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         raise NotImplementedError
@@ -42,9 +56,9 @@ class ModelAdapter:
         """The hidden states a block returns (HF blocks return a tensor or a tuple led by it)."""
         return output[0] if isinstance(output, (tuple, list)) else output
 
-    def next_block_kwargs(self, output, kwargs: dict) -> dict:
-        """Keyword arguments for the next block, given this block's output (T5 threads position bias)."""
-        return kwargs
+    def next_block_inputs(self, output, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Arguments besides the hidden states for the next block (T5 threads its position biases)."""
+        return args, kwargs
 
     def input_mask(self, stack: Stack, linear_name: str, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Boolean (batch x tokens) mask of tokens that count in the statistics of ``linear_name``'s input.
@@ -53,6 +67,11 @@ class ModelAdapter:
         """
         return None
 
+
+
+    def awq_groups(self, block: nn.Module) -> list[AwqGroup]:
+        """AWQ's exactly foldable scaling groups of one block, in forward order."""
+        raise NotImplementedError(f"{type(self).__name__} declares no AWQ scaling groups")
 
 
 def module_path(model: nn.Module, module: nn.Module) -> str:

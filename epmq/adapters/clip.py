@@ -4,7 +4,7 @@ Only the vision tower is quantized (method.md section 6): the text tower, projec
 scale stay as they are.
 """
 
-from epmq.adapters.base import ModelAdapter, Stack, module_path, register_adapter
+from epmq.adapters.base import AwqGroup, ModelAdapter, Stack, module_path, register_adapter
 
 
 @register_adapter
@@ -15,5 +15,16 @@ class ClipVisionAdapter(ModelAdapter):
         layers = getattr(model, "vision_model", model).encoder.layers
         return [Stack("vision", module_path(model, layers), layers)]
 
+    awq_no_clip = ("q_proj", "k_proj")
+
     def run_model(self, model, batch):
         getattr(model, "vision_model", model)(pixel_values=batch["pixel_values"])
+
+    def awq_groups(self, block):
+        # fc2 is not scaled: its input is quick_gelu(fc1(x)), and quick_gelu(x / s) != quick_gelu(x) / s,
+        # so no fold into fc1 is exact. It still gets AWQ's clip search and the grid.
+        return [
+            AwqGroup("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            AwqGroup("self_attn.v_proj", ("self_attn.out_proj",)),
+            AwqGroup("layer_norm2", ("mlp.fc1",)),
+        ]
