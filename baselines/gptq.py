@@ -1,5 +1,7 @@
 """GPTQ (Frantar et al., 2023) on the merged weight: the shared solver with ``T = W_m``, ``H = H_q + damp I``."""
 
+import torch
+
 from epmq.grid import rtn_quantize
 from epmq.methods import LayerResult, QuantMethod, register_method
 from epmq.solver import gptq_round, quadratic_objective
@@ -18,10 +20,11 @@ class GPTQ(QuantMethod):
         # Logged objective: the output error ||(Q - W_m) X||^2 per calibration token.
         tokens = max(stats.tokens, 1)
         before = rtn_quantize(target, p["bits"], p["group_size"], p["sym"]).weight
+        hessian32 = stats.hessian_sum.float()
         return LayerResult(
             rounded,
             {
-                "objective_before": quadratic_objective(before, target, stats.hessian_sum) / tokens,
-                "objective_after": quadratic_objective(rounded.weight, target, stats.hessian_sum) / tokens,
+                "objective_before": quadratic_objective(before, target, hessian32, torch.float32) / tokens,
+                "objective_after": quadratic_objective(rounded.weight, target, hessian32, torch.float32) / tokens,
             },
         )

@@ -5,6 +5,8 @@ separates how much of E-PMQ's gain comes from correcting the merge (the target) 
 the rounding.
 """
 
+import torch
+
 from epmq.grid import rtn_quantize
 from epmq.methods import LayerResult, QuantMethod, register_method
 from epmq.solver import gptq_round
@@ -26,23 +28,23 @@ class EPMQ(QuantMethod):
         p = self.params
         problem = self.problem(name, weight, stats)
         tokens = max(stats.tokens, 1)
+        rtn = rtn_quantize(weight, p["bits"], p["group_size"], p["sym"]).weight
         record = {
             "lam": problem.lam,
             "fallback_damping": problem.fallback_damping,
             # The E-PMQ objective (eq. 12) per calibration token, at the fp merged weight,
             # at its RTN rounding (before) and at the result (after).
-            "objective_merged": problem.objective(weight) / tokens,
-            "objective_before": problem.objective(rtn_quantize(weight, p["bits"], p["group_size"], p["sym"]).weight)
-            / tokens,
+            "objective_merged": problem.objective(weight, torch.float32) / tokens,
+            "objective_before": problem.objective(rtn, torch.float32) / tokens,
         }
         if not self.round_target:
-            record["objective_after"] = problem.objective(problem.target) / tokens
+            record["objective_after"] = problem.objective(problem.target, torch.float32) / tokens
             return LayerResult(problem.target.float(), record)
         rounded = gptq_round(
             problem.target, problem.hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"],
             p["static_groups"],
         )
-        record["objective_after"] = problem.objective(rounded.weight) / tokens
+        record["objective_after"] = problem.objective(rounded.weight, torch.float32) / tokens
         return LayerResult(rounded, record)
 
     def describe(self):

@@ -29,10 +29,12 @@ class NotPositiveDefiniteError(ValueError):
     """The Hessian handed to the solver has no Cholesky factorisation."""
 
 
-def quadratic_objective(weight: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr((Q - T) H (Q - T)^T)`` in float64."""
-    diff = (weight.double() - target.double())
-    return float(((diff @ hessian.double()) * diff).sum())
+def quadratic_objective(
+    weight: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> float:
+    """``tr((Q - T) H (Q - T)^T)``, computed in ``dtype`` (float32 suffices for logging)."""
+    diff = weight.to(dtype) - target.to(dtype)
+    return float(((diff @ hessian.to(dtype)) * diff).sum(dtype=torch.float64))
 
 
 def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from epmq.solver import NotPositiveDefiniteError
+from epmq.solver import NotPositiveDefiniteError, quadratic_objective
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,12 @@ class EpmqProblem:
     fallback_damping: float  # 0 unless H_q + lam I was not positive definite
     constant: float  # c in objective = tr((Q - W*) H (Q - W*)^T) + c
 
-    def objective(self, weight: torch.Tensor) -> float:
-        """The E-PMQ objective (eq. 12) of ``weight``, reconstructed exactly from the statistics."""
-        diff = weight.double() - self.target
-        return float(((diff @ self.hessian) * diff).sum()) + self.constant
+    def objective(self, weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
+        """The E-PMQ objective (eq. 12) of ``weight``, reconstructed from the statistics.
+
+        The quadratic part runs in ``dtype`` (float32 suffices for logging); the constant is float64.
+        """
+        return quadratic_objective(weight, self.target, self.hessian, dtype) + self.constant
 
 
 def fold_expert(expert: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, float]:
