@@ -17,6 +17,8 @@ STAGES = {
     "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
     "suite": ("epmq.suites.cli", "build an offline suite: pretrain, fine-tune experts, draw calibration sets"),
     "evaluate": ("evals.cli", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
+    "aggregate": ("evals.aggregate", "collect per-task metrics of many models into one tidy CSV"),
+    "render": ("evals.render", "render a target's tables (Markdown, LaTeX, HTML) or figure (PNG)"),
     "demo": ("epmq.demo", "quantize one random layer with every method and print the objectives"),
 }
 

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from epmq.checkpoint import load_model, save_quantized
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, help="E-PMQ anchor strength")
     parser.add_argument("--hessian-dtype", choices=["float32", "float64"])
     parser.add_argument("--batch-size", type=int, help="calibration samples per forward pass")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other quantize parameter of the schema, VALUE in YAML (e.g. static_groups=true, awq.clip=false)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -78,6 +81,15 @@ def run(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not value:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        section, _, leaf = key.partition(".")
+        if leaf:
+            overrides.setdefault(section, {})[leaf] = yaml.safe_load(value)
+        else:
+            overrides[key] = yaml.safe_load(value)
     params = method_params("quantize", **overrides)
     method = get_method(args.method, params)
     names = args.tasks or [file.stem for file in args.calib]

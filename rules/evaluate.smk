@@ -1,0 +1,29 @@
+# Evaluate one model on its suite's tasks (an expert on its own task): one {task}.json per task,
+# all tasks in one job, since start-up costs as much as a task of the offline suites.
+
+
+rule evaluate:
+    input:
+        model="results/{suite}/{model}",
+        data="results/{suite}/data",
+        pretrained="results/{suite}/pretrained",
+    output:
+        directory("results/{suite}/eval/{model}"),
+    params:
+        suite_config=lambda w: suite_config_path(w.suite),
+        tasks=evaluation_tasks,
+    threads: config["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    conda:
+        "../environment.yml"
+    log:
+        "logs/{suite}/evaluate/{model}.log",
+    benchmark:
+        "benchmarks/{suite}/evaluate/{model}.tsv"
+    shell:
+        "python -m epmq evaluate --suite {wildcards.suite} --suite-config {params.suite_config}"
+        " --model {input.model} --heads {input.pretrained}/head.safetensors --data {input.data}"
+        " --threads {threads} --tasks {params.tasks} --out-dir {output} > {log} 2>&1"

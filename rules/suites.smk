@@ -1,0 +1,79 @@
+# Offline suites built here (builder: mini-clip): data cache, pretraining, experts, calibration sets.
+# Training uses every core the job gets; the built experts are cached like any output.
+
+
+rule suite_data:
+    output:
+        directory("results/{suite}/data"),
+    params:
+        suite_config=lambda w: suite_config_path(w.suite),
+    conda:
+        "../environment.yml"
+    log:
+        "logs/{suite}/suite_data.log",
+    benchmark:
+        "benchmarks/{suite}/suite_data.tsv"
+    shell:
+        "python -m epmq suite data --suite-config {params.suite_config} --out {output} > {log} 2>&1"
+
+
+rule suite_pretrain:
+    input:
+        data="results/{suite}/data",
+    output:
+        directory("results/{suite}/pretrained"),
+    params:
+        suite_config=lambda w: suite_config_path(w.suite),
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../environment.yml"
+    log:
+        "logs/{suite}/suite_pretrain.log",
+    benchmark:
+        "benchmarks/{suite}/suite_pretrain.tsv"
+    shell:
+        "python -m epmq suite pretrain --suite-config {params.suite_config} --data {input.data} --out {output} > {log} 2>&1"
+
+
+rule suite_finetune:
+    input:
+        data="results/{suite}/data",
+        pretrained="results/{suite}/pretrained",
+    output:
+        directory("results/{suite}/experts/{task}"),
+    params:
+        suite_config=lambda w: suite_config_path(w.suite),
+    threads: workflow.cores
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../environment.yml"
+    log:
+        "logs/{suite}/suite_finetune/{task}.log",
+    benchmark:
+        "benchmarks/{suite}/suite_finetune/{task}.tsv"
+    shell:
+        "python -m epmq suite finetune --suite-config {params.suite_config} --data {input.data}"
+        " --pretrained {input.pretrained} --task {wildcards.task} --out {output} > {log} 2>&1"
+
+
+rule suite_calib:
+    input:
+        data="results/{suite}/data",
+    output:
+        "results/{suite}/calib/n{samples}-s{seed}/{task}.safetensors",
+    params:
+        suite_config=lambda w: suite_config_path(w.suite),
+    conda:
+        "../environment.yml"
+    log:
+        "logs/{suite}/suite_calib/n{samples}-s{seed}/{task}.log",
+    benchmark:
+        "benchmarks/{suite}/suite_calib/n{samples}-s{seed}/{task}.tsv"
+    shell:
+        "python -m epmq suite calib --suite-config {params.suite_config} --data {input.data} --task {wildcards.task}"
+        " --samples {wildcards.samples} --seed {wildcards.seed} --out {output} > {log} 2>&1"
