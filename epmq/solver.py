@@ -37,14 +37,17 @@ def quadratic_objective(
     return float(((diff @ hessian.to(dtype)) * diff).sum(dtype=torch.float64))
 
 
-def inverse_cholesky_upper(hessian: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), computed in float64."""
-    h = hessian.double()
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        raise NotPositiveDefiniteError(
-            f"Hessian is not positive definite (leading minor {int(info)} of {h.shape[0]}); add damping"
-        )
+def inverse_cholesky_upper(hessian: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), computed in float64.
+
+    ``factor`` is the lower Cholesky factor of ``H`` when the caller already has it.
+    """
+    if factor is None:
+        factor, info = torch.linalg.cholesky_ex(hessian.double())
+        if int(info) != 0:
+            raise NotPositiveDefiniteError(
+                f"Hessian is not positive definite (leading minor {int(info)} of {hessian.shape[0]}); add damping"
+            )
     inverse = torch.cholesky_inverse(factor)
     upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     if int(info) != 0:
@@ -61,6 +64,7 @@ def gptq_round(
     act_order: bool = False,
     block_size: int = 128,
     static_groups: bool = False,
+    hessian_factor: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Round ``target`` (d_out x d_in) onto the grid minimising ``tr((Q - T) H (Q - T)^T)``.
 
@@ -69,7 +73,9 @@ def gptq_round(
     in that order (recorded in ``g_idx``). ``static_groups`` instead fits every group once, up front,
     on the target's consecutive columns (the reference's ``--static-groups``, and what llm-compressor
     does); act-order then only changes the processing order. Returns a :class:`QuantizedWeight`
-    whose ``.weight`` is the dequantized result in the target's column order.
+    whose ``.weight`` is the dequantized result in the target's column order. ``hessian_factor``
+    (the lower Cholesky factor of ``hessian``, if the caller computed it) saves one factorisation;
+    it is ignored when dead columns or act-order change the Hessian.
     """
     if target.dim() != 2:
         raise ValueError(f"target must be 2-D (d_out x d_in), got shape {tuple(target.shape)}")
@@ -95,7 +101,8 @@ def gptq_round(
     if act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    u = inverse_cholesky_upper(h).to(torch.float32)
+    reuse = hessian_factor is not None and not dead.any() and not act_order
+    u = inverse_cholesky_upper(h, hessian_factor.double() if reuse else None).to(torch.float32)
 
     n_groups = -(-d_in // size)
     codes = torch.empty_like(w)

@@ -44,12 +44,12 @@ def anchor_strength(hessian_sum: torch.Tensor, alpha: float) -> float:
     return float(alpha * torch.diagonal(hessian_sum).double().mean())
 
 
-def solve_right(rhs: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``rhs @ H^-1`` for symmetric positive definite ``H``, in float64 via Cholesky."""
+def solve_right(rhs: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rhs @ H^-1, L)`` for symmetric positive definite ``H = L L^T``, in float64 via Cholesky."""
     factor, info = torch.linalg.cholesky_ex(hessian.double())
     if int(info) != 0:
         raise NotPositiveDefiniteError(f"Hessian is not positive definite (leading minor {int(info)})")
-    return torch.cholesky_solve(rhs.double().T.contiguous(), factor).T
+    return torch.cholesky_solve(rhs.double().T.contiguous(), factor).T, factor
 
 
 @dataclass
@@ -61,6 +61,7 @@ class EpmqProblem:
     lam: float
     fallback_damping: float  # 0 unless H_q + lam I was not positive definite
     constant: float  # c in objective = tr((Q - W*) H (Q - W*)^T) + c
+    factor: torch.Tensor  # lower Cholesky factor of ``hessian``: the solver reuses it
 
     def objective(self, weight: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
         """The E-PMQ objective (eq. 12) of ``weight``, reconstructed from the statistics.
@@ -71,14 +72,16 @@ class EpmqProblem:
 
 
 def fold_expert(expert: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Task i's share of ``R`` and ``c``: ``(W_i H_i, tr(W_i H_i W_i^T))``, accumulated in float64.
+    """Task i's share of ``R`` and ``c``: ``(W_i H_i, tr(W_i H_i W_i^T))``.
 
-    The product runs in the Hessian's dtype (float32 by default, TF32 off).
+    The product runs in the Hessian's dtype (float32 by default, TF32 off); the trace is summed in
+    float64.
     """
     if not torch.isfinite(expert).all():
         raise ValueError("expert weight contains NaN or Inf")
-    product = expert.to(device=hessian.device, dtype=hessian.dtype) @ hessian
-    return product.double(), float((product.double() * expert.to(product.device).double()).sum())
+    expert = expert.to(device=hessian.device, dtype=hessian.dtype)
+    product = expert @ hessian
+    return product, float((product * expert).sum(dtype=torch.float64))
 
 
 def epmq_problem(
@@ -101,16 +104,16 @@ def epmq_problem(
     rhs = rhs.double() + lam * merged
     fallback = 0.0
     try:
-        target = solve_right(rhs, hessian)
+        target, factor = solve_right(rhs, hessian)
     except NotPositiveDefiniteError:
         fallback = percdamp * float(torch.diagonal(hessian_sum).double().mean()) or percdamp
         log.warning("H_q + lam I is not positive definite (alpha=%g, lam=%g); adding damping %g * I", alpha, lam, fallback)
         hessian = hessian + fallback * eye
         rhs = rhs + fallback * merged
-        target = solve_right(rhs, hessian)
+        target, factor = solve_right(rhs, hessian)
     anchor_energy = (lam + fallback) * float((merged**2).sum())
     constant = expert_energy + anchor_energy - float(((target @ hessian) * target).sum())
-    return EpmqProblem(target, hessian, lam, fallback, constant)
+    return EpmqProblem(target, hessian, lam, fallback, constant, factor)
 
 
 class EpmqAccumulator:
@@ -133,7 +136,7 @@ class EpmqAccumulator:
         if hessian.shape != (d_in, d_in):
             raise ValueError(f"task Hessian must be {d_in} x {d_in}, got {tuple(hessian.shape)}")
         product, energy = fold_expert(expert, hessian)
-        self.rhs += product
+        self.rhs += product.double()
         self.expert_energy += energy
         self.hessian_sum += hessian.double()
         self.tasks += 1

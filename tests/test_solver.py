@@ -128,3 +128,11 @@ def test_static_groups_fit_each_group_once_on_the_target(act_order):
     assert torch.equal(q.g_idx, torch.arange(96) // 32)  # groups stay consecutive under act-order
     assert torch.equal(q.scales, rtn.scales) and torch.equal(q.zeros, rtn.zeros)
     assert torch.equal(gptq_round(w, torch.eye(96), 4, 32, static_groups=True).weight, rtn.weight)
+
+
+def test_a_precomputed_hessian_factor_gives_the_same_result():
+    w = torch.randn(8, 96)
+    x = ill_conditioned_inputs(96, 400)
+    h = damped(x @ x.T, 0.01).double()
+    factor = torch.linalg.cholesky(h)
+    assert torch.equal(gptq_round(w, h, 4, 32, hessian_factor=factor).weight, gptq_round(w, h, 4, 32).weight)
