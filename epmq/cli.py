@@ -14,6 +14,7 @@ import sys
 
 STAGES = {
     "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
+    "export": ("epmq.export", "write a quantized Llama-family checkpoint in the compressed-tensors format"),
     "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
     "suite": ("epmq.suites.cli", "build an offline suite: pretrain, fine-tune experts, draw calibration sets"),
     "evaluate": ("evals.cli", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),

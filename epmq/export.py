@@ -1,0 +1,111 @@
+"""``python -m epmq export``: a quantized checkpoint in the compressed-tensors format.
+
+compressed-tensors (the format llm-compressor writes) is what transformers (with the
+``compressed-tensors`` package installed), vLLM and lm-eval load directly. The export keeps our
+codes exactly: each linear gets ``weight_packed`` (codes shifted to the signed range and packed
+into int32), ``weight_scale`` and, for asymmetric grids, ``weight_zero_point``, written by
+compressed-tensors' own ``pack-quantized`` compressor from the scales and zero points we fitted;
+config.json gains the ``quantization_config`` that tells loaders how to read them.
+
+The format has one group layout per scheme: every quantized linear must share bits, group size and
+symmetry, groups must be consecutive columns (no act-order with groups formed in permuted order;
+quantize with ``static_groups`` for act-order exports), and the group size must divide d_in.
+CLIP, T5 and BERT checkpoints stay in this project's own format (``epmq.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from epmq.checkpoint import QUANTIZATION_FILE, load_model
+from epmq.io import LazyCheckpoint, atomic_output_dir
+
+#: families whose compressed-tensors checkpoints transformers and vLLM serve
+EXPORTABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "generation_config.json", "chat_template.jinja")
+
+
+def _grid(layers: dict) -> tuple[int, int, bool]:
+    grids = {(spec["bits"], spec["group_size"], spec["sym"]) for spec in layers.values() if spec["bits"]}
+    if len(grids) != 1:
+        raise ValueError(f"compressed-tensors needs one grid for every quantized linear, found {sorted(grids)}")
+    if any(not spec["bits"] for spec in layers.values()):
+        raise ValueError("unrounded layers (epmq_fp) have no integer codes to export")
+    return grids.pop()
+
+
+def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+
+    quantized_dir, out_dir = Path(quantized_dir), Path(out_dir)
+    info = json.loads((quantized_dir / QUANTIZATION_FILE).read_text())
+    bits, group_size, sym = _grid(info["layers"])
+    model = load_model(quantized_dir)
+    if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
+        raise ValueError(f"compressed-tensors export serves {EXPORTABLE_MODEL_TYPES}; this is {model.config.model_type!r}")
+    checkpoint = LazyCheckpoint(quantized_dir)
+    layers = list(info["layers"])
+    for name in layers:
+        d_in = model.get_submodule(name).in_features
+        g_idx = checkpoint.get(f"{name}.g_idx").long()
+        size = d_in if group_size == -1 else group_size
+        if d_in % size or not torch.equal(g_idx, torch.arange(d_in) // size):
+            raise ValueError(
+                f"{name}: groups are not consecutive columns of a size dividing d_in={d_in} "
+                "(act-order with dynamic groups, or a ragged last group): not representable in compressed-tensors"
+            )
+    weights = QuantizationArgs(
+        num_bits=bits, type="int", symmetric=sym,
+        strategy="channel" if group_size == -1 else "group", group_size=None if group_size == -1 else group_size,
+    )
+    others = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in info["layers"]]
+    config = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        ignore=others, quantization_status=QuantizationStatus.FROZEN,
+    )
+    apply_quantization_config(model, config)
+    offset = 2 ** (bits - 1)  # compressed-tensors keeps codes and zero points in the signed range
+    with torch.no_grad():
+        for name in layers:
+            module = model.get_submodule(name)
+            module.weight_scale.copy_(checkpoint.get(f"{name}.scales").to(module.weight_scale.dtype).reshape(module.weight_scale.shape))
+            if not sym:
+                zeros = checkpoint.get(f"{name}.qzeros").to(torch.int16) - offset
+                module.weight_zero_point.copy_(zeros.to(module.weight_zero_point.dtype).reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    with atomic_output_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        compressor.update_config(str(tmp))
+        for source in [tokenizer_dir, quantized_dir]:
+            for file_name in _TOKENIZER_FILES:
+                if source and (Path(source) / file_name).exists() and not (tmp / file_name).exists():
+                    shutil.copy2(Path(source) / file_name, tmp / file_name)
+        shutil.copy2(quantized_dir / QUANTIZATION_FILE, tmp / "epmq_quantization.json")
+    return out_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="a quantized checkpoint written by `quantize`")
+    parser.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="directory whose tokenizer files are copied along")
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def run(args: argparse.Namespace) -> int:
+    export_compressed_tensors(args.model, args.out, args.tokenizer)
+    return 0
