@@ -19,6 +19,7 @@ validate(config, "rules/schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/suites.smk"
+include: "rules/experts.smk"
 include: "rules/merge.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"

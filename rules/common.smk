@@ -1,6 +1,7 @@
 # Path conventions, wildcard constraints and the functions that turn targets into files.
 #
-#   results/{suite}/pretrained                      pretrained model (+ head.safetensors)
+#   results/{suite}/data                            the suite's prepared data
+#   results/{suite}/pretrained                      the model that is merged (+ evaluation assets)
 #   results/{suite}/experts/{task}                  one expert per task
 #   results/{suite}/calib/n{samples}-s{seed}/{task}.safetensors
 #   results/{suite}/merged/{merge}                  fp merged model
@@ -8,13 +9,25 @@
 #                                                   method = rtn | gptq | awq | epmq-a{alpha} | epmq_fp-a{alpha}
 #   results/{suite}/eval/{model}                    one {task}.json per task; model = any of the above
 #   results/tables/{target}.{csv,md,tex,html,png}
+#
+# Offline suites (builder mini-*) are built by jobs; hub suites (hub-*) are fetched by local jobs
+# (rules/experts.smk) on the machine that runs Snakemake, since compute nodes often have no internet.
 import json
+import re
+import shlex
 
-from epmq.suites import packaged_config
-from epmq.suites.mini_clip8 import load_config as load_suite_config
+from epmq.suites.registry import eval_tasks as suite_eval_tasks
+from epmq.suites.registry import load_suite, packaged_config
 
 ALPHA_METHODS = ("epmq", "epmq_fp")
 CALIBRATION_FREE = ("rtn",)
+OFFLINE_SUITES = [name for name, s in config["suites"].items() if not s["builder"].startswith("hub-")]
+HUB_SUITES = [name for name, s in config["suites"].items() if s["builder"].startswith("hub-")]
+
+
+def one_of(names):
+    """A wildcard regex matching exactly these names (none: matches nothing)."""
+    return "(" + "|".join(map(re.escape, names)) + ")" if names else "(?!)"
 
 
 wildcard_constraints:
@@ -38,8 +51,23 @@ def suite_config_path(suite):
     return suite_settings(suite)["suite_config"] or str(packaged_config(suite))
 
 
+_SUITES = {}
+
+
+def _suite(suite):
+    if suite not in _SUITES:
+        _SUITES[suite] = load_suite(suite_config_path(suite))
+    return _SUITES[suite]
+
+
 def tasks(suite):
-    return list(load_suite_config(suite_config_path(suite))["tasks"])
+    """The experts' tasks (one expert and one calibration set each)."""
+    return list(_suite(suite)[1]["tasks"])
+
+
+def eval_tasks(suite):
+    """The tasks every model is evaluated on (the experts' tasks, or an LLM suite's benchmarks)."""
+    return suite_eval_tasks(*_suite(suite))
 
 
 def method_id(method, alpha):
@@ -62,14 +90,22 @@ def quant_model(suite, merge, method, alpha=None, bits=None, group=None, samples
     return f"quant/{merge}/{method_id(method, alpha)}/w{bits}g{group}n{samples}"
 
 
-def target_models(target):
-    """Every model a target evaluates, as model ids (paths under results/{suite}/)."""
+def target_suites(target):
+    suite = config["targets"][target]["suite"]
+    return suite if isinstance(suite, list) else [suite]
+
+
+def target_models(target, suite):
+    """Every model of ``suite`` a target evaluates, as model ids (paths under results/{suite}/)."""
     spec = config["targets"][target]
-    suite = spec["suite"]
-    models = ["pretrained"] + [f"experts/{task}" for task in tasks(suite)]
+    models = []
+    if "pretrained" in spec["reference_rows"]:
+        models.append("pretrained")
+    if "finetuned" in spec["reference_rows"]:
+        models += [f"experts/{task}" for task in tasks(suite) if task in eval_tasks(suite)]
     for merge in spec["merges"]:
         models.append(f"merged/{merge}")
-        if spec["kind"] == "methods":
+        if spec["kind"] in ("methods", "suites"):
             models += [quant_model(suite, merge, method) for method in spec["methods"]]
         elif spec["kind"] == "alpha":
             models.append(quant_model(suite, merge, "gptq"))
@@ -85,6 +121,23 @@ def target_files(target):
     layout = config["targets"][target]["layout"]
     suffixes = ["csv", "md", "tex", "html"] + (["png"] if layout == "plot" else [])
     return [f"results/tables/{target}.{suffix}" for suffix in suffixes]
+
+
+def target_eval_dirs(wildcards):
+    return [
+        f"results/{suite}/eval/{model}"
+        for suite in target_suites(wildcards.target)
+        for model in target_models(wildcards.target, suite)
+    ]
+
+
+def target_quant_dirs(wildcards):
+    return [
+        f"results/{suite}/{model}"
+        for suite in target_suites(wildcards.target)
+        for model in target_models(wildcards.target, suite)
+        if model.startswith("quant/")
+    ]
 
 
 def calibration_files(wildcards):
@@ -104,7 +157,7 @@ def expert_dirs(wildcards):
 
 def merge_param_flags(wildcards):
     params = suite_settings(wildcards.suite)["merge_params"].get(wildcards.merge, {})
-    return " ".join(f"--param {key}={json.dumps(value)}" for key, value in params.items())
+    return " ".join(f"--param {key}={shlex.quote(json.dumps(value))}" for key, value in params.items())
 
 
 def quantize_flags(wildcards):
@@ -113,7 +166,7 @@ def quantize_flags(wildcards):
     if alpha is not None:
         flags.append(f"--alpha {alpha:g}")
     overrides = suite_settings(wildcards.suite)["quantize_params"]
-    flags += [f"--set {key}={json.dumps(value)}" for key, value in overrides.items()]
+    flags += [f"--set {key}={shlex.quote(json.dumps(value))}" for key, value in overrides.items()]
     return " ".join(flags)
 
 
@@ -125,14 +178,4 @@ def quantize_experts(wildcards):
 def evaluation_tasks(wildcards):
     if wildcards.model.startswith("experts/"):
         return wildcards.model.split("/", 1)[1]
-    return " ".join(tasks(wildcards.suite))
-
-
-def target_eval_dirs(wildcards):
-    suite = config["targets"][wildcards.target]["suite"]
-    return [f"results/{suite}/eval/{model}" for model in target_models(wildcards.target)]
-
-
-def target_quant_dirs(wildcards):
-    suite = config["targets"][wildcards.target]["suite"]
-    return [f"results/{suite}/{model}" for model in target_models(wildcards.target) if model.startswith("quant/")]
+    return " ".join(eval_tasks(wildcards.suite))

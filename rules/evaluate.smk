@@ -1,5 +1,6 @@
 # Evaluate one model on its suite's tasks (an expert on its own task): one {task}.json per task,
-# all tasks in one job, since start-up costs as much as a task of the offline suites.
+# all tasks in one job, since start-up costs as much as a task of the offline suites. The experts
+# are inputs because some suites keep per-task heads in them (mini-text4).
 
 
 rule evaluate:
@@ -7,6 +8,7 @@ rule evaluate:
         model="results/{suite}/{model}",
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
+        experts=expert_dirs,
     output:
         directory("results/{suite}/eval/{model}"),
     params:
@@ -24,6 +26,6 @@ rule evaluate:
     benchmark:
         "benchmarks/{suite}/evaluate/{model}.tsv"
     shell:
-        "python -m epmq evaluate --suite {wildcards.suite} --suite-config {params.suite_config}"
-        " --model {input.model} --heads {input.pretrained}/head.safetensors --data {input.data}"
-        " --threads {threads} --tasks {params.tasks} --out-dir {output} > {log} 2>&1"
+        "python -m epmq evaluate --suite-config {params.suite_config} --suite-dir results/{wildcards.suite}"
+        " --model {input.model} --data {input.data} --threads {threads} --tasks {params.tasks}"
+        " --out-dir {output} > {log} 2>&1"

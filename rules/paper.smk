@@ -63,3 +63,9 @@ for _target in config["targets"]:
         input:
             target_files(_target),
         localrule: True
+
+
+rule paper:
+    input:
+        [path for target in config["targets"] for path in target_files(target)],
+    localrule: True

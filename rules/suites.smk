@@ -1,8 +1,10 @@
-# Offline suites built here (builder: mini-clip): data cache, pretraining, experts, calibration sets.
-# Training uses every core the job gets; the built experts are cached like any output.
+# Offline suites built here (builders mini-*): data, pretraining, experts; and every suite's
+# calibration sets. Training uses every core the job gets; built experts are cached like any output.
 
 
 rule suite_data:
+    wildcard_constraints:
+        suite=one_of(OFFLINE_SUITES),
     output:
         directory("results/{suite}/data"),
     params:
@@ -18,6 +20,8 @@ rule suite_data:
 
 
 rule suite_pretrain:
+    wildcard_constraints:
+        suite=one_of(OFFLINE_SUITES),
     input:
         data="results/{suite}/data",
     output:
@@ -39,6 +43,8 @@ rule suite_pretrain:
 
 
 rule suite_finetune:
+    wildcard_constraints:
+        suite=one_of(OFFLINE_SUITES),
     input:
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
@@ -64,6 +70,7 @@ rule suite_finetune:
 rule suite_calib:
     input:
         data="results/{suite}/data",
+        pretrained="results/{suite}/pretrained",
     output:
         "results/{suite}/calib/n{samples}-s{seed}/{task}.safetensors",
     params:
@@ -76,4 +83,5 @@ rule suite_calib:
         "benchmarks/{suite}/suite_calib/n{samples}-s{seed}/{task}.tsv"
     shell:
         "python -m epmq suite calib --suite-config {params.suite_config} --data {input.data} --task {wildcards.task}"
+        " --suite-dir results/{wildcards.suite}"
         " --samples {wildcards.samples} --seed {wildcards.seed} --out {output} > {log} 2>&1"

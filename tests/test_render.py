@@ -9,7 +9,7 @@ from epmq.cli import main
 TASKS = ["a", "b"]
 SPEC = {"suite": "s", "kind": "methods", "caption": "cap", "layout": "per_task",
         "merges": ["task_arithmetic"], "methods": ["gptq", "epmq"], "alphas": [0.01], "bits": [4], "samples": [8],
-        "paper_table": None}
+        "paper_table": None, "reference_rows": ["pretrained", "finetuned"], "paper_settings": {}}
 
 
 def write_eval(root, model, scores, seconds=None):
@@ -74,3 +74,14 @@ def test_missing_rows_fail_loudly(metrics, tmp_path, capsys):
     assert main(["render", "--target", "t", "--spec", json.dumps(spec), "--metrics", str(metrics),
                  "--out-dir", str(tmp_path / "tables")]) == 2
     assert "no metrics for" in capsys.readouterr().err
+
+
+def test_published_numbers_are_printed_under_our_rows(metrics, tmp_path):
+    spec = {**SPEC, "kind": "alpha", "layout": "average", "alphas": [0.01], "paper_table": 5}
+    assert main(["render", "--target", "t5", "--spec", json.dumps(spec), "--metrics", str(metrics),
+                 "--out-dir", str(tmp_path / "tables")]) == 0
+    lines = (tmp_path / "tables" / "t5.md").read_text().splitlines()
+    gptq = lines.index("| w/ GPTQ | 63.0 (-2.0) | 0.7 |")
+    assert lines[gptq + 1] == "| _paper_ | _65.0_ | |"  # Table 5: Task Arithmetic w/ GPTQ, 65.03
+    merged = lines.index("| **Task Arithmetic** | 65.0 | 0.7 |")
+    assert lines[merged + 1] == "| _paper_ | _68.0_ | |"

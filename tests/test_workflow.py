@@ -32,6 +32,22 @@ def test_default_config_plans_every_target():
         assert rule in out.stdout, rule
 
 
+def test_paper_config_plans_every_table_and_figure():
+    out = snakemake("paper", "--configfile", str(ROOT / "config" / "paper.yaml"), "-n", "--quiet", "rules", cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    counts = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    # 9 suites (6 CLIP, FLAN-T5, two Llama), fetched on the login node; 100 experts in all.
+    assert counts["hub_pretrained"] == 9 and counts["hub_data"] == 9 and counts["hub_expert"] == 100
+    assert counts["render"] == 14 and counts["plot"] == 2  # tables 1-12 and figures 2-3
+    assert counts["quantize"] > 100 and counts["evaluate"] > counts["quantize"]
+    lint = snakemake("--lint", "--configfile", str(ROOT / "config" / "paper.yaml"), cwd=ROOT)
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr
+
+
 @pytest.mark.slow
 def test_smoke_run_builds_every_table_and_reruns_nothing(tmp_path):
     config = str(ROOT / "config" / "smoke.yaml")
