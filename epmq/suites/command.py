@@ -1,0 +1,69 @@
+"""``python -m epmq suite <data|pretrain|finetune|calib> ...``: build any suite's parts.
+
+    python -m epmq suite data     --suite-config YAML --out DIR
+    python -m epmq suite pretrain --suite-config YAML --out DIR [--data DIR]
+    python -m epmq suite finetune --suite-config YAML --pretrained DIR --task NAME --out DIR [--data DIR]
+    python -m epmq suite calib    --suite-config YAML --task NAME --samples N --seed S --out FILE
+                                  [--data DIR] [--suite-dir DIR]
+
+The suite YAML's ``builder`` picks the module (``epmq.suites.registry``): offline suites train
+here, hub suites fetch. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from epmq.suites.registry import call_with_supported, load_suite, packaged_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="suite_command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser, data: bool = True) -> None:
+        sub.add_argument("--suite-config", default=None, help="suite YAML (default: the packaged mini-clip8.yaml)")
+        sub.add_argument("--threads", type=int, default=None, help="torch threads (default: the suite's choice)")
+        if data:
+            sub.add_argument("--data", default=None, help="directory written by `suite data`")
+
+    sub = commands.add_parser("data", help="prepare the suite's data once")
+    common(sub, data=False)
+    sub.add_argument("--out", required=True)
+    sub = commands.add_parser("pretrain", help="the model that is merged (trained here, or fetched)")
+    common(sub)
+    sub.add_argument("--out", required=True)
+    sub = commands.add_parser("finetune", help="one expert (trained here, or fetched)")
+    common(sub)
+    sub.add_argument("--pretrained", required=True)
+    sub.add_argument("--task", required=True)
+    sub.add_argument("--out", required=True)
+    sub = commands.add_parser("calib", help="a task's calibration inputs, drawn from training data only")
+    common(sub)
+    sub.add_argument("--task", required=True)
+    sub.add_argument("--samples", type=int, required=True)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--suite-dir", default=None, help="results/{suite} (tokenizers and processors live there)")
+    sub.add_argument("--out", required=True, help="output .safetensors (model inputs + sample_indices)")
+
+
+def run(args: argparse.Namespace) -> int:
+    module, cfg = load_suite(args.suite_config or packaged_config("mini-clip8"))
+    if args.threads:
+        cfg["threads"] = args.threads
+        torch.set_num_threads(args.threads)
+    if args.suite_command == "data":
+        module.write_data_cache(cfg, args.out)
+    elif args.suite_command == "pretrain":
+        module.pretrain(cfg, args.out, args.data)
+    elif args.suite_command == "finetune":
+        if args.task not in cfg["tasks"]:
+            raise ValueError(f"unknown task {args.task!r}; the suite has {list(cfg['tasks'])}")
+        module.finetune(cfg, args.pretrained, args.task, args.out, args.data)
+    elif args.suite_command == "calib":
+        if args.task not in cfg["tasks"]:
+            raise ValueError(f"unknown task {args.task!r}; the suite has {list(cfg['tasks'])}")
+        call_with_supported(module.write_calibration, cfg, args.task, args.samples, args.seed, args.out, args.data,
+                            suite_dir=args.suite_dir)
+    return 0
