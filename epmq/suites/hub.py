@@ -105,7 +105,9 @@ def _prefetch_lm_eval(cfg: dict) -> None:
 
     from evals.lm_eval_runner import task_mapping
 
-    get_task_dict(list(task_mapping(eval_tasks(cfg), cfg["eval"].get("chat", False)).values()), TaskManager())
+    include = cfg["eval"].get("include_path")
+    manager = TaskManager(include_path=include) if include else TaskManager()
+    get_task_dict(list(task_mapping(eval_tasks(cfg), cfg["eval"].get("chat", False)).values()), manager)
 
 
 def _split_dir(data_dir, task, split) -> Path | None:
@@ -209,7 +211,8 @@ def evaluate(cfg: dict, model_dir, tasks, data_dir, suite_dir) -> dict[str, dict
         from evals.lm_eval_runner import run_lm_eval, task_mapping
 
         return run_lm_eval(model_dir, task_mapping(tasks, options.get("chat", False)), out,
-                           tokenizer_dir=suite_dir / "pretrained", batch_size=options.get("batch_size", 8),
+                           tokenizer_dir=suite_dir / "pretrained", include_path=options.get("include_path"),
+                           batch_size=options.get("batch_size", 8),
                            limit=options.get("limit"), num_fewshot=options.get("num_fewshot"),
                            apply_chat_template=options.get("chat", False),
                            confirm_run_unsafe_code=options.get("allow_code", False), device=_device(cfg))
