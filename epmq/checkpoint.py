@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import save_file
 from torch import nn
 
@@ -87,6 +86,17 @@ def save_quantized(
     return out_dir
 
 
+def quantization_info(path: str | Path) -> dict | None:
+    """The ``quantization.json`` of a quantized checkpoint, or None for any other directory."""
+    file = Path(path) / QUANTIZATION_FILE
+    if not file.exists():
+        return None
+    info = json.loads(file.read_text())
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown quantized format {info.get('format')!r}")
+    return info
+
+
 def dequantized_state(checkpoint: LazyCheckpoint, layers: dict) -> dict[str, torch.Tensor]:
     """Every tensor of a quantized checkpoint, with quantized linears turned back into ``weight``."""
     packed = {f"{name}.{suffix}" for name, spec in layers.items() if spec["bits"] for suffix in _SUFFIXES}
@@ -105,6 +115,8 @@ def dequantized_state(checkpoint: LazyCheckpoint, layers: dict) -> dict[str, tor
 
 
 def model_class(config) -> type[nn.Module]:
+    import transformers
+
     architectures = getattr(config, "architectures", None) or []
     if not architectures or not hasattr(transformers, architectures[0]):
         raise ValueError(f"config names no loadable architecture: {architectures}")
@@ -116,14 +128,14 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
 
     Quantized checkpoints are rebuilt with dequantized float weights (cast to the model's dtype).
     """
+    import transformers
+
     path = Path(path)
     config = transformers.AutoConfig.from_pretrained(path)
     cls = model_class(config)
-    if not (path / QUANTIZATION_FILE).exists():
+    info = quantization_info(path)
+    if info is None:
         return cls.from_pretrained(path, dtype=dtype) if dtype else cls.from_pretrained(path)
-    info = json.loads((path / QUANTIZATION_FILE).read_text())
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown quantized format {info.get('format')!r}")
     model = cls(config).to(getattr(torch, info.get("dtype", "float32")))
     state = dequantized_state(LazyCheckpoint(path), info["layers"])
     expected = model.state_dict()

@@ -24,7 +24,7 @@ from types import ModuleType
 import yaml
 
 BUILDERS = {
-    "mini-clip": "epmq.suites.mini_clip8",
+    "mini-clip": "epmq.suites.mini_clip",
     "mini-text": "epmq.suites.mini_text4",
     "mini-llm": "epmq.suites.mini_llm3",
     "hub-clip": "epmq.suites.hub",
