@@ -137,8 +137,8 @@ class AWQ(QuantMethod):
         linears = [block.get_submodule(name) for name in group.linears]
         inputs = context.linear_inputs(group.linears[0])
         x_mean = inputs.abs().float().mean(dim=0)
-        w_mean = weight_magnitude([l.weight for l in linears], p["group_size"]) if awq["duo_scaling"] else None
-        originals = [l.weight.detach().clone() for l in linears]
+        w_mean = weight_magnitude([lin.weight for lin in linears], p["group_size"]) if awq["duo_scaling"] else None
+        originals = [lin.weight.detach().clone() for lin in linears]
 
         def loss(scales):
             for linear, original in zip(linears, originals):

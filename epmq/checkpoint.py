@@ -28,7 +28,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from epmq.grid import QuantizedWeight, pack_codes, unpack_codes
-from epmq.io import SAFETENSORS_SINGLE, LazyCheckpoint, atomic_output_dir, atomic_write_json, provenance
+from epmq.io import (
+    SAFETENSORS_SINGLE,
+    LazyCheckpoint,
+    atomic_output_dir,
+    atomic_write_json,
+    provenance,
+)
 
 QUANTIZATION_FILE = "quantization.json"
 FORMAT = "epmq-packed-v1"

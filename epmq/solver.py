@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import torch
 
-from epmq.grid import QuantizedWeight, dequantize_codes, fit_scale_zero, group_index, quantize_codes
+from epmq.grid import (
+    QuantizedWeight,
+    dequantize_codes,
+    fit_scale_zero,
+    group_index,
+    quantize_codes,
+)
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -150,7 +156,7 @@ def _current_group(w, block, errors, u, i1, i2, i, size):
     Columns inside the block are read from ``block`` (updated column by column); columns past the
     block still owe the block's pending lazy update, which is applied here to a copy.
     """
-    start, end = i1 + i, min(i1 + i + size, w.shape[1])
+    end = min(i1 + i + size, w.shape[1])
     if end <= i2:
         return block[:, i : end - i1]
     beyond = w[:, i2:end] - errors[:, :i] @ u[i1 : i1 + i, i2:end]

@@ -7,9 +7,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# Under pytest-xdist each worker gets one core: the machine has two, and two workers.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Tests run tiny models: with several threads, intra-op synchronisation costs more than the work
+# (tens of times more on a busy 2-core machine), and pytest-xdist already runs one worker per core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

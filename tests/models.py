@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

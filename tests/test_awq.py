@@ -9,8 +9,16 @@ from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.grid import rtn_quantize
 from epmq.methods import get_method
+from tests.models import (
+    image_batches,
+    padded_text_batches,
+    text_batches,
+    tiny_bert,
+    tiny_clip_vision,
+    tiny_llama,
+    tiny_t5,
+)
 from tests.test_engine import quantized_linear_names
-from tests.models import image_batches, padded_text_batches, text_batches, tiny_bert, tiny_clip_vision, tiny_llama, tiny_t5
 
 FAMILIES = {
     "llama": (tiny_llama, lambda: text_batches(2)),

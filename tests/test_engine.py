@@ -9,7 +9,13 @@ from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
 from epmq.methods import get_method
-from tests.models import image_batches, save_experts, text_batches, tiny_clip_vision, tiny_llama
+from tests.models import (
+    image_batches,
+    save_experts,
+    text_batches,
+    tiny_clip_vision,
+    tiny_llama,
+)
 
 
 def quantized_linear_names(model):

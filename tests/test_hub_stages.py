@@ -3,8 +3,6 @@ an experts table, local datasets, then merge, quantize (E-PMQ) and evaluate."""
 
 import json
 
-import pytest
-
 from epmq.cli import main
 from tests.test_paper_glue import TASK_NAMES as GLUE_TASKS
 from tests.test_paper_glue import glue_suite  # noqa: F401  (fixture)

@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from evals.clip_tasks import get_task
 from evals.datasets import clip_image_processor
-from tests.paper_models import clip_tokenizer, perturbed, save_with_prefix, tiny_clip_model
+from tests.paper_models import (
+    clip_tokenizer,
+    perturbed,
+    save_with_prefix,
+    tiny_clip_model,
+)
 from tests.test_paper_evals import _image_dataset
 from tests.test_workflow import ROOT, snakemake
 

@@ -11,15 +11,6 @@ from epmq.merge import operators as ops
 from epmq.merge.radix_select import kth_smallest_streamed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared machine, intra-op thread synchronisation costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def t(*values, dtype=torch.float32):
     return torch.tensor(values, dtype=dtype)
 

@@ -30,14 +30,6 @@ SHAPES = {
 CONFIG = {"model_type": "clip_vision_model", "hidden_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared machine, intra-op thread synchronisation costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_state_dict(generator: torch.Generator) -> dict[str, torch.Tensor]:
     state_dict = {}

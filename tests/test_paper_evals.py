@@ -35,14 +35,6 @@ TASK_NAMES = ("eurosat", "mnist")  # 10 classes x 3 templates; 10 classes x 1 te
 METHODS = ("rtn", "gptq", "awq", "epmq")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two threads of tiny ops oversubscribe (tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _image_dataset(task: str, n: int, seed: int):
     import datasets

@@ -24,14 +24,6 @@ WORDS = ["the", "cat", "dog", "sat", "on", "a", "mat", "it", "was", "red", "blue
          "ran", "fast", "slowly", "today"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two threads of tiny ops oversubscribe (tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _examples(task: str, n: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)

@@ -114,14 +114,6 @@ def _check_on_grid(res, original):
         assert not hasattr(mods[name], "weight_scale")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the CPU is shared: 2 OpenMP threads on busy cores make these tiny ops much slower
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def setup():

@@ -1,6 +1,12 @@
 """BERT-family encoders (``BertModel``, all-MiniLM-L6-v2): post-norm blocks, padded text."""
 
-from epmq.adapters.base import AwqGroup, ModelAdapter, Stack, module_path, register_adapter
+from epmq.adapters.base import (
+    AwqGroup,
+    ModelAdapter,
+    Stack,
+    module_path,
+    register_adapter,
+)
 
 
 @register_adapter

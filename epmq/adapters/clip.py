@@ -4,7 +4,13 @@ Only the vision tower is quantized (method.md section 6): the text tower, projec
 scale stay as they are.
 """
 
-from epmq.adapters.base import AwqGroup, ModelAdapter, Stack, module_path, register_adapter
+from epmq.adapters.base import (
+    AwqGroup,
+    ModelAdapter,
+    Stack,
+    module_path,
+    register_adapter,
+)
 
 
 @register_adapter

@@ -1,6 +1,12 @@
 """Decoder-only Llama-family language models (``LlamaForCausalLM``)."""
 
-from epmq.adapters.base import AwqGroup, ModelAdapter, Stack, module_path, register_adapter
+from epmq.adapters.base import (
+    AwqGroup,
+    ModelAdapter,
+    Stack,
+    module_path,
+    register_adapter,
+)
 
 
 @register_adapter

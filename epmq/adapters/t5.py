@@ -10,7 +10,13 @@ for the rest of the decoder.
 
 from torch import nn
 
-from epmq.adapters.base import AwqGroup, ModelAdapter, Stack, module_path, register_adapter
+from epmq.adapters.base import (
+    AwqGroup,
+    ModelAdapter,
+    Stack,
+    module_path,
+    register_adapter,
+)
 
 _CROSS_ATTENTION_FROM_ENCODER = ("EncDecAttention.k", "EncDecAttention.v")
 

@@ -8,7 +8,14 @@
 """
 
 from epmq.merge.command import add_arguments, run
-from epmq.merge.registry import MERGERS, Merger, MergeError, MergeInputs, StateDictInputs, merge_state_dicts
+from epmq.merge.registry import (
+    MERGERS,
+    MergeError,
+    MergeInputs,
+    Merger,
+    StateDictInputs,
+    merge_state_dicts,
+)
 from epmq.merge.streaming import MERGE_RECORD, CheckpointInputs, merge_checkpoints
 
 __all__ = [

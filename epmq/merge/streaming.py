@@ -35,7 +35,13 @@ from epmq.io import (
     sha256_file,
 )
 from epmq.merge.radix_select import kth_smallest_streamed
-from epmq.merge.registry import MERGERS, MergeError, MergeInputs, check_consistent, merged_tensor
+from epmq.merge.registry import (
+    MERGERS,
+    MergeError,
+    MergeInputs,
+    check_consistent,
+    merged_tensor,
+)
 
 log = logging.getLogger("epmq.merge")
 
