@@ -31,5 +31,5 @@ report: "report/workflow.rst"
 
 rule all:
     input:
-        [path for target in config["targets"] for path in target_files(target)],
+        [path for target in default_targets() for path in target_files(target)],
     default_target: True

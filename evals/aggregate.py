@@ -6,7 +6,8 @@ the model id follows the workflow's path convention (``rules/common.smk``):
     pretrained | experts/{task} | merged/{merge} | quant/{merge}/{method}[-a{alpha}]/w{bits}g{group}n{samples}
 
 One CSV row per (model, task): suite, model, merge, method, alpha, bits, group_size, samples, task,
-accuracy, stderr, n, quant_seconds (read from the quantized checkpoint's quantization.json).
+accuracy, stderr, n, quant_seconds (read from the quantized checkpoint's quantization.json), note
+(a suite's ``table_note``, e.g. where its "fp" weights came from, which every table must print).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from epmq.io import atomic_write_text
 
 COLUMNS = [
     "suite", "model", "merge", "method", "alpha", "bits", "group_size", "samples",
-    "task", "accuracy", "stderr", "n", "quant_seconds",
+    "task", "accuracy", "stderr", "n", "quant_seconds", "note",
 ]
 _EVAL_DIR = re.compile(r"(?P<root>.*)/(?P<suite>[^/]+)/eval/(?P<model>.+)$")
 _QUANT = re.compile(r"quant/(?P<merge>[^/]+)/(?P<method>[^/-]+)(-a(?P<alpha>[^/]+))?/w(?P<bits>\d+)g(?P<group>-?\d+)n(?P<samples>\d+)$")
@@ -66,6 +67,7 @@ def rows_of(eval_dir: Path) -> list[dict]:
         rows.append({
             "suite": suite, "model": model, **fields, "task": metrics["task"],
             "accuracy": metrics["accuracy"], "stderr": metrics["stderr"], "n": metrics["n"], "quant_seconds": seconds,
+            "note": metrics.get("table_note", ""),
         })
     return rows
 

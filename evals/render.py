@@ -336,7 +336,9 @@ def to_latex(table: Table) -> str:
         lines.append(_tex_escape(row.label) + " & " + " & ".join(texts) + r" \\")
         if (paper := _paper_cells(table, row)) is not None:
             lines.append(r"\quad\textit{paper} & " + " & ".join(rf"\textit{{{p}}}" if p else "" for p in paper) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\par\footnotesize\textit{" + _tex_escape(note) + "}" for note in table.notes]
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
@@ -418,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
         plot(df, spec, args.out_dir / f"{args.target}.png")
         return 0
     table = BUILDERS[spec["kind"]](df, spec, PaperNumbers(spec.get("paper_table")))
+    if "note" in df:
+        table.notes += sorted({note for note in df["note"] if note})
     atomic_write_text(args.out_dir / f"{args.target}.md", to_markdown(table))
     atomic_write_text(args.out_dir / f"{args.target}.tex", to_latex(table))
     atomic_write_text(args.out_dir / f"{args.target}.html", to_html(table))

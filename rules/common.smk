@@ -18,6 +18,7 @@ import shlex
 
 from epmq.suites.registry import eval_tasks as suite_eval_tasks
 from epmq.suites.registry import load_suite, packaged_config
+from snakemake.exceptions import WorkflowError
 
 ALPHA_METHODS = ("epmq", "epmq_fp")
 CALIBRATION_FREE = ("rtn",)
@@ -115,6 +116,16 @@ def target_models(target, suite):
         elif spec["kind"] == "samples":
             models += [quant_model(suite, merge, m, samples=n) for m in spec["methods"] for n in spec["samples"]]
     return list(dict.fromkeys(models))
+
+
+def default_targets():
+    names = config.get("default_targets")
+    if names is None:
+        return list(config["targets"])
+    unknown = sorted(set(names) - set(config["targets"]))
+    if unknown:
+        raise WorkflowError(f"default_targets names unknown targets {unknown}; known: {sorted(config['targets'])}")
+    return names
 
 
 def target_files(target):

@@ -85,3 +85,21 @@ def test_published_numbers_are_printed_under_our_rows(metrics, tmp_path):
     assert lines[gptq + 1] == "| _paper_ | _65.0_ | |"  # Table 5: Task Arithmetic w/ GPTQ, 65.03
     merged = lines.index("| **Task Arithmetic** | 65.0 | 0.7 |")
     assert lines[merged + 1] == "| _paper_ | _68.0_ | |"
+
+
+def test_a_suite_table_note_reaches_every_rendered_table(tmp_path):
+    note = "fp weights were dequantized from 4-bit blocks of 32"
+    dirs = [write_eval(tmp_path, "merged/task_arithmetic", {"a": 70.0, "b": 60.0}),
+            write_eval(tmp_path, "quant/task_arithmetic/gptq/w4g128n8", {"a": 65.0, "b": 61.0}, seconds=2.0),
+            write_eval(tmp_path, "quant/task_arithmetic/epmq-a0.01/w4g128n8", {"a": 75.0, "b": 66.0}, seconds=3.0)]
+    for directory in dirs:
+        for file in directory.glob("*.json"):
+            file.write_text(json.dumps({**json.loads(file.read_text()), "table_note": note}))
+    out = tmp_path / "tables" / "t.csv"
+    assert main(["aggregate", "--eval-dirs", *map(str, dirs), "--out", str(out)]) == 0
+    assert {row["note"] for row in csv.DictReader(out.open())} == {note}
+    spec = {**SPEC, "reference_rows": []}
+    assert main(["render", "--target", "t", "--spec", json.dumps(spec), "--metrics", str(out),
+                 "--out-dir", str(tmp_path / "tables")]) == 0
+    for suffix in ("md", "tex", "html"):
+        assert note in (tmp_path / "tables" / f"t.{suffix}").read_text()
