@@ -60,16 +60,12 @@ model init (``torch.manual_seed``), splits (numpy ``default_rng``), noise and au
 
 from __future__ import annotations
 
-import copy
 import gzip
-import hashlib
 import importlib
-import json
 import logging
 import math
 import os
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,9 +73,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance
+from epmq.suites.common import (
+    config_digest,
+    read_suite_yaml,
+    save_calibration,
+    set_threads,
+    stable_seed,
+)
 from evals import clip_zeroshot as zs
 
 log = logging.getLogger(__name__)
@@ -91,38 +93,14 @@ SPLITS = ("pretrain", "finetune", "calib", "test")
 
 
 # ---------------------------------------------------------------------------------- config --
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None) -> dict:
     """Read a suite YAML (resolving ``base:`` and ``include_tasks:``) and check its structure."""
     if path is None:
         from epmq.suites.registry import packaged_config
 
         path = packaged_config("mini-clip8")
-    path = Path(path)
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a suite config must be a mapping")
-    if "base" in raw:
-        base = load_config(path.parent / raw.pop("base"))
-        base.pop("config_path", None)
-        raw = _deep_merge(base, raw)
-    include = raw.pop("include_tasks", None)
-    if include is not None:
-        unknown = [t for t in include if t not in raw.get("tasks", {})]
-        if unknown:
-            raise ValueError(f"{path}: include_tasks names unknown tasks {unknown}")
-        raw["tasks"] = {name: raw["tasks"][name] for name in include}
-    _check_config(raw, path)
-    raw["config_path"] = str(path)
+    raw = read_suite_yaml(path)
+    _check_config(raw, Path(path))
     return raw
 
 
@@ -148,31 +126,8 @@ def _check_config(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path}: model.image_size must equal data.image_size and be a multiple of patch_size")
 
 
-def config_digest(cfg: dict) -> str:
-    canonical = {k: v for k, v in cfg.items() if k != "config_path"}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def set_threads(cfg: dict, override: int | None = None) -> int:
-    """torch threads: ``override`` (the CLI's ``--threads``), else the config's, else every usable core.
-
-    Under a scheduler running several jobs at once, give each job its share (``--threads 1`` with
-    two jobs on two cores): oversubscribed intra-op threads wait on each other and run many times
-    slower.
-    """
-    threads = int(override or cfg.get("threads") or len(os.sched_getaffinity(0)))
-    torch.set_num_threads(threads)
-    cfg["threads"] = threads
-    return threads
-
-
-def _stable(*parts: object) -> int:
-    """A stable 32-bit integer for (seed, names...), for seeding generators reproducibly."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
 def _generator(cfg: dict, *names: object) -> torch.Generator:
-    return torch.Generator().manual_seed(_stable(cfg["seed"], *names))
+    return torch.Generator().manual_seed(stable_seed(cfg["seed"], *names))
 
 
 # ----------------------------------------------------------------------------- raw sources --
@@ -250,7 +205,7 @@ class Sources:
 def source_splits(cfg: dict, source: str, sources: Sources | dict) -> dict[str, np.ndarray]:
     """Disjoint index arrays into the source's pools: pretrain, finetune, calib (train pool) and test."""
     sizes = cfg["data"]["splits"][source]
-    rng = np.random.default_rng(_stable(cfg["seed"], "splits", source))
+    rng = np.random.default_rng(stable_seed(cfg["seed"], "splits", source))
     if source == "fashion":
         n_train = len(sources["fashion_train_labels"])
         order = rng.permutation(n_train)
@@ -425,7 +380,7 @@ def calibration_set(
     split = task_split(cfg, task, "calib", Sources(cfg, data_dir))
     if not 0 < samples <= len(split):
         raise ValueError(f"task {task}: {samples} calibration samples requested, its calib split has {len(split)}")
-    generator = torch.Generator().manual_seed(_stable(seed, "calib", task))
+    generator = torch.Generator().manual_seed(stable_seed(seed, "calib", task))
     indices = torch.randperm(len(split), generator=generator)[:samples].to(torch.int64)
     return to_pixel_values(split.images[indices], cfg), indices
 
@@ -542,7 +497,7 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
     sources = Sources(cfg, data_dir)
     attributes = spec["captions"]["attributes"]
     phrases = attribute_phrases(attributes)
-    rng = np.random.default_rng(_stable(cfg["seed"], "caption-templates"))
+    rng = np.random.default_rng(stable_seed(cfg["seed"], "caption-templates"))
     texts: list[str] = []
     concept_rows: list[list[int]] = []  # concept id = (first label id + label) * n_combos + combo
     pools: list[tuple[np.ndarray, np.ndarray, int]] = []  # per source: images, labels, first label id
@@ -649,7 +604,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
     sources = Sources(cfg, data_dir)
     split = task_split(cfg, task, "finetune", sources)
 
-    torch.manual_seed(_stable(cfg["seed"], "finetune", task))
+    torch.manual_seed(stable_seed(cfg["seed"], "finetune", task))
     model = CLIPVisionModel.from_pretrained(pretrained)
     params = list(model.named_parameters())
     optimizer = _optimizer(params, spec)
@@ -692,17 +647,5 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
 def write_calibration(cfg: dict, task: str, samples: int, seed: int, out: str | os.PathLike,
                       data_dir: str | os.PathLike | None = None) -> None:
     """``suite calib``: ``pixel_values`` [N, C, H, W] float32 and ``sample_indices`` [N] int64."""
-    from safetensors.torch import save_file
-
     pixel_values, indices = calibration_set(cfg, task, samples, seed, data_dir)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file({"pixel_values": pixel_values, "sample_indices": indices}, str(tmp),
-                  metadata={"suite": cfg["suite"], "task": task, "split": "calib", "seed": str(seed),
-                            "samples": str(samples), "config_digest": config_digest(cfg)})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_calibration({"pixel_values": pixel_values, "sample_indices": indices}, out, cfg, task, samples, seed)

@@ -51,8 +51,6 @@ Every hyperparameter lives in ``mini-llm3.yaml``; this module holds none. Seeds 
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import importlib
 import importlib.metadata
 import io
@@ -63,7 +61,6 @@ import os
 import random
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +69,13 @@ import torch.nn.functional as F
 import yaml
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance, sha256_file
+from epmq.suites.common import (
+    config_digest,
+    read_suite_yaml,
+    save_calibration,
+    set_threads,
+    stable_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,27 +88,6 @@ TEMPLATES = Path(__file__).with_name("lm_eval_tasks")
 
 
 # ---------------------------------------------------------------------------------- config --
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _read_yaml_with_base(path: Path) -> dict:
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a suite config must be a mapping")
-    if "base" in raw:
-        base = _read_yaml_with_base((path.parent / raw.pop("base")).resolve())
-        base.pop("include_tasks", None)
-        raw = _deep_merge(base, raw)
-    return raw
-
-
 def load_config(path: str | os.PathLike | None = None) -> dict:
     """Read a suite YAML (resolving ``base:`` and ``include_tasks:``) and check its structure.
 
@@ -114,13 +97,7 @@ def load_config(path: str | os.PathLike | None = None) -> dict:
     if path is None:
         path = Path(__file__).with_name("mini-llm3.yaml")
     path = Path(path)
-    raw = _read_yaml_with_base(path)
-    include = raw.pop("include_tasks", None)
-    if include is not None:
-        unknown = [t for t in include if t not in raw.get("tasks", {})]
-        if unknown:
-            raise ValueError(f"{path}: include_tasks names unknown tasks {unknown}")
-        raw["tasks"] = {name: raw["tasks"][name] for name in include}
+    raw = read_suite_yaml(path)
     corpus = raw.get("data", {}).get("spam_corpus")
     if corpus is not None and "config" in corpus:
         from epmq.suites import mini_text4
@@ -131,7 +108,6 @@ def load_config(path: str | os.PathLike | None = None) -> dict:
         text_cfg = mini_text4.load_config(corpus_path)
         corpus.update({"seed": text_cfg["seed"], "data": text_cfg["data"], "config": str(corpus["config"])})
     _check_config(raw, path)
-    raw["config_path"] = str(path)
     return raw
 
 
@@ -163,21 +139,6 @@ def _check_config(cfg: dict, path: Path) -> None:
             raise ValueError(f"{path}: task {name!r} reads e-mails but data.spam_corpus is missing")
 
 
-def config_digest(cfg: dict) -> str:
-    canonical = {k: v for k, v in cfg.items() if k != "config_path"}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def set_threads(cfg: dict) -> int:
-    threads = cfg.get("threads") or len(os.sched_getaffinity(0))
-    torch.set_num_threads(int(threads))
-    return int(threads)
-
-
-def _stable(*parts: object) -> int:
-    return zlib.crc32("/".join(map(str, parts)).encode())
-
-
 # -------------------------------------------------------------------------------- task data --
 def _draw_values(rng: random.Random, ranges: dict, words: list[str]) -> dict:
     values = {name: rng.randint(lo, hi) for name, (lo, hi) in (ranges or {}).items()}
@@ -201,7 +162,7 @@ def run_snippet(code: str) -> str:
 def _generate_items(cfg: dict, task: str, total: int) -> list[dict]:
     """``total`` distinct {prompt, answer} items of a generated task (seeded, template by template)."""
     spec = cfg["tasks"][task]
-    rng = random.Random(_stable(cfg["seed"], "generate", task))
+    rng = random.Random(stable_seed(cfg["seed"], "generate", task))
     items, seen = [], set()
     templates = spec["templates"]
     attempts = 0
@@ -267,7 +228,7 @@ def task_items(cfg: dict, task: str, tokenizer=None) -> dict[str, list[dict]]:
         return _email_items(cfg, task, tokenizer if tokenizer is not None else _gguf_tokenizer(cfg))
     sizes = spec["n"]
     items = _generate_items(cfg, task, sum(sizes.values()))
-    rng = np.random.default_rng(_stable(cfg["seed"], "split", task))
+    rng = np.random.default_rng(stable_seed(cfg["seed"], "split", task))
     order = rng.permutation(len(items))
     out, start = {}, 0
     for split in SPLITS:
@@ -413,7 +374,7 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
     if cfg["model"]["source"] == "config":  # smoke configs: a tiny random Llama, never a result
         from transformers import LlamaConfig
 
-        torch.manual_seed(_stable(cfg["seed"], "init"))
+        torch.manual_seed(stable_seed(cfg["seed"], "init"))
         model = LlamaForCausalLM(LlamaConfig(**cfg["model"]["config"])).to(dtype)
         what, source = "a small LlamaForCausalLM with random weights, built from model.config (smoke test only)", {}
     else:
@@ -562,13 +523,13 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
         docs = read_split(data, task, "finetune")
     tokenizer = load_tokenizer(cfg, pretrained)
     examples = encode_examples(tokenizer, docs, spec["max_length"])
-    torch.manual_seed(_stable(cfg["seed"], "finetune", task))
+    torch.manual_seed(stable_seed(cfg["seed"], "finetune", task))
     model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=getattr(torch, cfg["model"]["dtype"]))
-    wrapped = add_lora(model, cfg["lora"], torch.Generator().manual_seed(_stable(cfg["seed"], "lora", task)))
+    wrapped = add_lora(model, cfg["lora"], torch.Generator().manual_seed(stable_seed(cfg["seed"], "lora", task)))
     params = [p for _, _, lora in wrapped for p in (lora.lora_a, lora.lora_b)]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"],
                                   weight_decay=spec["weight_decay"])
-    generator = torch.Generator().manual_seed(_stable(cfg["seed"], "batches", task))
+    generator = torch.Generator().manual_seed(stable_seed(cfg["seed"], "batches", task))
     batches = [b for _ in range(spec["epochs"]) for b in torch.randperm(len(examples), generator=generator).split(spec["batch_size"])]
     warmup = int(round(spec["warmup_fraction"] * len(batches)))
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -627,7 +588,7 @@ def calibration_set(cfg: dict, task: str, samples: int, seed: int, data_dir: str
         tokenizer = tokenizer or load_tokenizer(cfg, data)
     if not 0 < samples <= len(docs):
         raise ValueError(f"task {task}: {samples} calibration samples requested, its calib split has {len(docs)}")
-    generator = torch.Generator().manual_seed(_stable(seed, "calib", task))
+    generator = torch.Generator().manual_seed(stable_seed(seed, "calib", task))
     indices = torch.randperm(len(docs), generator=generator)[:samples].to(torch.int64)
     examples = encode_examples(tokenizer, [docs[i] for i in indices.tolist()], cfg["calib"]["max_length"])
     ids, mask = _pad([e[0] for e in examples], tokenizer.pad_token_id)
@@ -637,20 +598,8 @@ def calibration_set(cfg: dict, task: str, samples: int, seed: int, data_dir: str
 def write_calibration(cfg: dict, task: str, samples: int, seed: int, out: str | os.PathLike,
                       data_dir: str | os.PathLike | None = None) -> None:
     """``suite calib``: ``input_ids``, ``attention_mask`` [N, L] int64 (right-padded) and ``sample_indices`` [N]."""
-    from safetensors.torch import save_file
-
     tokens, indices = calibration_set(cfg, task, samples, seed, data_dir)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file({**tokens, "sample_indices": indices}, str(tmp),
-                  metadata={"suite": cfg["suite"], "task": task, "split": "calib", "seed": str(seed),
-                            "samples": str(samples), "config_digest": config_digest(cfg)})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_calibration({**tokens, "sample_indices": indices}, out, cfg, task, samples, seed)
 
 
 # ------------------------------------------------------------------------------ evaluation --

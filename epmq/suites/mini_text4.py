@@ -76,7 +76,6 @@ Every hyperparameter lives in ``mini-text4.yaml``; this module holds none. Seeds
 
 from __future__ import annotations
 
-import copy
 import email
 import hashlib
 import html
@@ -88,7 +87,6 @@ import os
 import re
 import tarfile
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -97,9 +95,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance, sha256_file
+from epmq.suites.common import (
+    config_digest,
+    read_suite_yaml,
+    save_calibration,
+    set_threads,
+    stable_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,41 +115,13 @@ POOLS = ("finetune", "calib", "test")
 
 
 # ---------------------------------------------------------------------------------- config --
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _read_yaml_with_base(path: Path) -> dict:
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a suite config must be a mapping")
-    if "base" in raw:
-        base = _read_yaml_with_base((path.parent / raw.pop("base")).resolve())
-        base.pop("include_tasks", None)
-        raw = _deep_merge(base, raw)
-    return raw
-
-
 def load_config(path: str | os.PathLike | None = None) -> dict:
     """Read a suite YAML (resolving ``base:`` and ``include_tasks:``) and check its structure."""
     if path is None:
         path = Path(__file__).with_name("mini-text4.yaml")
     path = Path(path)
-    raw = _read_yaml_with_base(path)
-    include = raw.pop("include_tasks", None)
-    if include is not None:
-        unknown = [t for t in include if t not in raw.get("tasks", {})]
-        if unknown:
-            raise ValueError(f"{path}: include_tasks names unknown tasks {unknown}")
-        raw["tasks"] = {name: raw["tasks"][name] for name in include}
+    raw = read_suite_yaml(path)
     _check_config(raw, path)
-    raw["config_path"] = str(path)
     return raw
 
 
@@ -176,22 +152,6 @@ def _check_config(cfg: dict, path: Path) -> None:
             raise ValueError(f"{path}: task {name!r}: a {task['label_field']} value is in two classes")
         if sorted(task["n"]) != sorted(POOLS):
             raise ValueError(f"{path}: task {name!r}: n must give sizes for {POOLS}")
-
-
-def config_digest(cfg: dict) -> str:
-    canonical = {k: v for k, v in cfg.items() if k != "config_path"}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def set_threads(cfg: dict) -> int:
-    threads = cfg.get("threads") or len(os.sched_getaffinity(0))
-    torch.set_num_threads(int(threads))
-    return int(threads)
-
-
-def _stable(*parts: object) -> int:
-    """A stable 32-bit integer for (seed, names...), for seeding generators reproducibly."""
-    return zlib.crc32("/".join(map(str, parts)).encode())
 
 
 # ---------------------------------------------------------------------------------- corpus --
@@ -433,7 +393,7 @@ def write_data_cache(cfg: dict, out: str | os.PathLike) -> dict:
         split_sizes[task] = {}
         for split in POOLS:
             part = task_split(cfg, task, split, emails, pools)
-            split_sizes[task][split] = {"n": len(part), "per_class": dict(Counter(part.class_names[l] for l in part.labels.tolist()))}
+            split_sizes[task][split] = {"n": len(part), "per_class": dict(Counter(part.class_names[label] for label in part.labels.tolist()))}
     manifest = {
         "suite": cfg["suite"],
         **stats,
@@ -472,7 +432,7 @@ def pool_assignment(cfg: dict, emails: list[dict]) -> dict[str, str]:
     assignment = {}
     for stratum in sorted(strata):
         keys = sorted(strata[stratum])
-        rng = np.random.default_rng(_stable(cfg["seed"], "pools", *stratum))
+        rng = np.random.default_rng(stable_seed(cfg["seed"], "pools", *stratum))
         order = [keys[i] for i in rng.permutation(len(keys))]
         n_finetune = int(round(fractions["finetune"] * len(keys)))
         n_calib = int(round(fractions["calib"] * len(keys)))
@@ -538,9 +498,9 @@ def task_split(cfg: dict, task: str, split: str, emails: list[dict], pools: dict
         quota = _balanced_quota(available, spec["n"][split])
     chosen: list[tuple[dict, int]] = []
     for label, (items, q) in enumerate(zip(members, quota)):
-        rng = np.random.default_rng(_stable(cfg["seed"], "draw", task, split, class_names[label]))
+        rng = np.random.default_rng(stable_seed(cfg["seed"], "draw", task, split, class_names[label]))
         chosen.extend((items[i], label) for i in sorted(rng.permutation(len(items))[:q].tolist()))
-    rng = np.random.default_rng(_stable(cfg["seed"], "order", task, split))
+    rng = np.random.default_rng(stable_seed(cfg["seed"], "order", task, split))
     chosen = [chosen[i] for i in rng.permutation(len(chosen))]
     return TaskSplit(task, split, [c[0]["text"] for c in chosen], torch.tensor([c[1] for c in chosen], dtype=torch.int64),
                      [c[0]["key"] for c in chosen], class_names)
@@ -620,7 +580,7 @@ def fit_linear_probe(cfg: dict, features: torch.Tensor, labels: torch.Tensor, n_
     The L2 penalty keeps the probe from separating the few hundred training e-mails perfectly:
     a probe with zero training loss would leave the frozen-head fine-tuning no gradient."""
     spec = cfg["finetune"]["probe"]
-    generator = torch.Generator().manual_seed(_stable(cfg["seed"], "probe", task))
+    generator = torch.Generator().manual_seed(stable_seed(cfg["seed"], "probe", task))
     weight = (torch.randn(n_classes, features.shape[1], generator=generator) * spec["init_std"]).requires_grad_()
     bias = torch.zeros(n_classes, requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=spec["lr"])
@@ -708,7 +668,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
     train, test = splits["finetune"], splits["test"]
     n_classes = len(train.class_names)
     tokenizer = load_tokenizer(cfg, pretrained)
-    torch.manual_seed(_stable(cfg["seed"], "finetune", task))
+    torch.manual_seed(stable_seed(cfg["seed"], "finetune", task))
     model = AutoModel.from_pretrained(pretrained, dtype=torch.float32)
     train_tokens = tokenize(cfg, tokenizer, train.texts)
     test_tokens = tokenize(cfg, tokenizer, test.texts) if spec["evaluate_test"] else None
@@ -727,7 +687,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
     weight = torch.nn.Parameter(head["weight"].clone(), requires_grad=spec["train_head"])
     bias = torch.nn.Parameter(head["bias"].clone(), requires_grad=spec["train_head"])
     optimizer = _optimizer(model, spec, [weight, bias] if spec["train_head"] else [])
-    generator = torch.Generator().manual_seed(_stable(cfg["seed"], "batches", task))
+    generator = torch.Generator().manual_seed(stable_seed(cfg["seed"], "batches", task))
     batches = [b for _ in range(spec["epochs"]) for b in torch.randperm(len(train), generator=generator).split(spec["batch_size"])]
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _linear_schedule(s, len(batches), int(round(spec["warmup_fraction"] * len(batches)))))
@@ -762,7 +722,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
         "classes": train.class_names,
         "pretrained": str(pretrained),
         "n_finetune": len(train),
-        "finetune_per_class": dict(Counter(train.class_names[l] for l in train.labels.tolist())),
+        "finetune_per_class": dict(Counter(train.class_names[label] for label in train.labels.tolist())),
         "steps": len(batches),
         "head": "linear probe on the frozen pretrained encoder" + (", then trained with the encoder" if spec["train_head"]
                                                                    else ", frozen during fine-tuning"),
@@ -795,7 +755,7 @@ def calibration_set(cfg: dict, task: str, samples: int, seed: int, data_dir: str
     split = task_splits(cfg, task, data_dir)["calib"]
     if not 0 < samples <= len(split):
         raise ValueError(f"task {task}: {samples} calibration samples requested, its calib split has {len(split)}")
-    generator = torch.Generator().manual_seed(_stable(seed, "calib", task))
+    generator = torch.Generator().manual_seed(stable_seed(seed, "calib", task))
     indices = torch.randperm(len(split), generator=generator)[:samples].to(torch.int64)
     tokenizer = tokenizer or load_tokenizer(cfg)
     return tokenize(cfg, tokenizer, [split.texts[i] for i in indices.tolist()]), indices
@@ -804,20 +764,8 @@ def calibration_set(cfg: dict, task: str, samples: int, seed: int, data_dir: str
 def write_calibration(cfg: dict, task: str, samples: int, seed: int, out: str | os.PathLike,
                       data_dir: str | os.PathLike | None = None) -> None:
     """``suite calib``: ``input_ids``, ``attention_mask`` [N, L] int64 (padded) and ``sample_indices`` [N]."""
-    from safetensors.torch import save_file
-
     tokens, indices = calibration_set(cfg, task, samples, seed, data_dir)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        save_file({**tokens, "sample_indices": indices}, str(tmp),
-                  metadata={"suite": cfg["suite"], "task": task, "split": "calib", "seed": str(seed),
-                            "samples": str(samples), "config_digest": config_digest(cfg)})
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_calibration({**tokens, "sample_indices": indices}, out, cfg, task, samples, seed)
 
 
 # ------------------------------------------------------------------------------ evaluation --
