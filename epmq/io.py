@@ -188,15 +188,20 @@ def _git_commit() -> str | None:
 
 def provenance(**extra: object) -> dict:
     """What produced a result: library versions, code commit, host and time, plus ``extra``."""
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
     from epmq import __version__
+
+    try:  # read from the installed metadata: importing transformers costs seconds per job
+        transformers_version = version("transformers")
+    except PackageNotFoundError:
+        transformers_version = None
 
     record = {
         "epmq_version": __version__,
         "git_commit": _git_commit(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": transformers_version,
         "python": platform.python_version(),
         "host": platform.node(),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
