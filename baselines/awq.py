@@ -13,10 +13,17 @@ Per block, on the inputs of the fp model (references: mit-han-lab/llm-awq ``auto
    on sampled tokens;
 3. round to the grid (RTN on the scaled, clipped weight).
 
+The scale search's block-output loss runs 1 + n_grid block forwards per group over the calibration
+inputs. ``search_samples`` (default: all, as the references) bounds the samples that loss reads, whole
+calibration batches spread evenly over the tasks, for CPU budgets; ``x_mean`` and the clip search
+always read every token.
+
 Linears in no scaling group (e.g. CLIP's fc2 after quick_gelu) get steps 2 and 3 only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -102,6 +109,18 @@ def apply_clip(linear: nn.Linear, limits: torch.Tensor) -> None:
     grouped.copy_(torch.maximum(torch.minimum(grouped, limit), -limit))
 
 
+def search_subset(inputs: list, samples: int | None) -> list:
+    """At least ``samples`` samples of ``inputs`` (calibration batches, in task order) as whole
+    batches at even strides, so every task keeps its share; all of them when ``samples`` is None."""
+    total = sum(batch.hidden.shape[0] for batch in inputs)
+    if samples is None or samples >= total:
+        return inputs
+    per_batch = total / len(inputs)
+    keep = min(len(inputs), max(1, math.ceil(samples / per_batch)))
+    stride = len(inputs) / keep
+    return [inputs[int(i * stride)] for i in range(keep)]
+
+
 @register_method("awq")
 class AWQ(QuantMethod):
     collects_statistics = False
@@ -120,9 +139,10 @@ class AWQ(QuantMethod):
         p, awq = self.params, self.params["awq"]
         block, adapter = context.block, context.adapter
         with torch.no_grad():
-            targets = [context.hidden(context.run(x)) for x in context.all_inputs()]
+            search_inputs = search_subset(context.all_inputs(), awq["search_samples"])
+            targets = [context.hidden(context.run(x)) for x in search_inputs]
             for group in adapter.awq_groups(block):
-                self._scale_group(context, group, targets, p, awq)
+                self._scale_group(context, group, search_inputs, targets, p, awq)
             if awq["clip"]:
                 for name, linear in block.named_modules():
                     if isinstance(linear, nn.Linear) and not name.endswith(adapter.awq_no_clip):
@@ -132,7 +152,7 @@ class AWQ(QuantMethod):
                                              awq["clip_grid"], awq["clip_max_shrink"])
                         apply_clip(linear, limits)
 
-    def _scale_group(self, context, group, targets, p, awq):
+    def _scale_group(self, context, group, search_inputs, targets, p, awq):
         block = context.block
         linears = [block.get_submodule(name) for name in group.linears]
         inputs = context.linear_inputs(group.linears[0])
@@ -146,7 +166,7 @@ class AWQ(QuantMethod):
                 linear.weight.copy_(pseudo_quantize(scaled, p["bits"], p["group_size"], p["sym"]) / scales[None, :])
             error = sum(
                 float((context.hidden(context.run(x)) - target).float().pow(2).sum())
-                for x, target in zip(context.all_inputs(), targets)
+                for x, target in zip(search_inputs, targets)
             )
             return error / sum(t.numel() for t in targets)
 

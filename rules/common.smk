@@ -22,6 +22,7 @@ from snakemake.exceptions import WorkflowError
 
 ALPHA_METHODS = ("epmq", "epmq_fp")
 CALIBRATION_FREE = ("rtn",)
+METHOD_SECTIONS = ("awq",)  # quantize parameters nested under a method's name
 OFFLINE_SUITES = [name for name, s in config["suites"].items() if not s["builder"].startswith("hub-")]
 HUB_SUITES = [name for name, s in config["suites"].items() if s["builder"].startswith("hub-")]
 
@@ -177,7 +178,12 @@ def quantize_flags(wildcards):
     if alpha is not None:
         flags.append(f"--alpha {alpha:g}")
     overrides = suite_settings(wildcards.suite)["quantize_params"]
-    flags += [f"--set {key}={shlex.quote(json.dumps(value))}" for key, value in overrides.items()]
+    # a method's own section (awq.*) reaches that method only, so it reruns no other job
+    flags += [
+        f"--set {key}={shlex.quote(json.dumps(value))}"
+        for key, value in overrides.items()
+        if key.split(".")[0] not in METHOD_SECTIONS or key.split(".")[0] == method
+    ]
     return " ".join(flags)
 
 

@@ -112,3 +112,16 @@ def test_awq_search_beats_plain_rounding_on_the_block_output(family):
     assert searched
     assert all(r["objective_after"] <= r["objective_before"] for r in searched)
     assert any(r["objective_after"] < 0.99 * r["objective_before"] for r in searched)
+
+
+def test_search_subset_keeps_whole_batches_spread_over_the_tasks():
+    from types import SimpleNamespace
+
+    from baselines.awq import search_subset
+
+    batches = [SimpleNamespace(hidden=torch.zeros(16, 3, 4), task=task) for task in range(4) for _ in range(8)]
+    assert search_subset(batches, None) is batches and search_subset(batches, 10_000) is batches
+    subset = search_subset(batches, 64)
+    assert sum(b.hidden.shape[0] for b in subset) == 64
+    assert [b.task for b in subset] == [0, 1, 2, 3]
+    assert len(search_subset(batches, 1)) == 1 and len(search_subset(batches, 100)) == 7
