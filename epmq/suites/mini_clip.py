@@ -13,7 +13,15 @@ import json
 import os
 from pathlib import Path
 
-from epmq.suites.mini_clip8 import finetune, load_config, pretrain, set_threads, test_set, write_calibration, write_data_cache
+from epmq.suites.mini_clip8 import (
+    finetune,
+    load_config,
+    pretrain,
+    set_threads,
+    test_set,
+    write_calibration,
+    write_data_cache,
+)
 
 __all__ = ["evaluate", "finetune", "load_config", "pretrain", "write_calibration", "write_data_cache"]
 
