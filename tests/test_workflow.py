@@ -51,7 +51,7 @@ def test_paper_config_plans_every_table_and_figure():
 @pytest.mark.slow
 def test_smoke_run_builds_every_table_and_reruns_nothing(tmp_path):
     config = str(ROOT / "config" / "smoke.yaml")
-    out = snakemake("--configfile", config, "--directory", str(tmp_path), "--cores", "2", cwd=ROOT)
+    out = snakemake("--configfile", config, "--directory", str(tmp_path), "--cores", "2", cwd=ROOT, timeout=3600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     tables = tmp_path / "results" / "tables"
     for target in ("table_1", "table_5", "figure_2", "figure_3", "table_6", "table_3", "table_4"):
