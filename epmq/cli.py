@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from types import ModuleType
 
 STAGES = {
     "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
@@ -44,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("epmq").debug("stage failed", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def run_module(module: ModuleType, argv: list[str] | None = None) -> int:
+    """``python -m <module> ...``: one stage module (already running as ``__main__``, so not imported
+    twice) run on its own, with the CLI's log format."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module.__spec__.name}", description=module.__doc__.splitlines()[0])
+    module.add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return module.run(parser.parse_args(argv))
 
 
 def _requested_stage(argv: list[str] | None) -> set[str]:

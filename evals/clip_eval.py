@@ -224,7 +224,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    main_parser = argparse.ArgumentParser(prog="python -m evals.clip_eval", description=__doc__.splitlines()[0])
-    add_arguments(main_parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(run(main_parser.parse_args()))
+    from epmq.cli import run_module
+
+    raise SystemExit(run_module(sys.modules[__name__]))
