@@ -16,13 +16,17 @@ import json
 import re
 import shlex
 
+from epmq.config import methods_schema
 from epmq.suites.registry import eval_tasks as suite_eval_tasks
 from epmq.suites.registry import load_suite, packaged_config
 from snakemake.exceptions import WorkflowError
 
 ALPHA_METHODS = ("epmq", "epmq_fp")
 CALIBRATION_FREE = ("rtn",)
-METHOD_SECTIONS = ("awq",)  # quantize parameters nested under a method's name
+# quantize parameters nested under a method's name (awq.*): the schema's object-valued keys
+METHOD_SECTIONS = [
+    key for key, spec in methods_schema()["properties"]["quantize"]["properties"].items() if spec.get("type") == "object"
+]
 OFFLINE_SUITES = [name for name, s in config["suites"].items() if not s["builder"].startswith("hub-")]
 HUB_SUITES = [name for name, s in config["suites"].items() if s["builder"].startswith("hub-")]
 
