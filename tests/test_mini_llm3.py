@@ -16,21 +16,13 @@ import torch
 import yaml
 
 from epmq.suites import mini_llm3 as suite
-from epmq.suites import mini_text4
+from tests.suite_data import requires_spamassassin
 
 CONFIG_DIR = Path(suite.__file__).parent
 SMOKE = CONFIG_DIR / "mini-llm3-smoke.yaml"
 
 
-def _tarball_present() -> bool:
-    try:
-        mini_text4.tarball_path(mini_text4.load_config(CONFIG_DIR / "mini-text4.yaml"))
-    except FileNotFoundError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _tarball_present(), reason="SpamAssassin tarball not fetched (scripts/fetch_spamassassin.sh)")
+pytestmark = requires_spamassassin
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,13 @@ import pytest
 import torch
 
 from epmq.suites import mini_text4 as suite
+from tests.suite_data import requires_spamassassin
 
 CONFIG_DIR = Path(suite.__file__).parent
 SMOKE = CONFIG_DIR / "mini-text4-smoke.yaml"
 
 
-def _tarball_present() -> bool:
-    try:
-        suite.tarball_path(suite.load_config(SMOKE))
-    except FileNotFoundError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _tarball_present(), reason="SpamAssassin tarball not fetched (scripts/fetch_spamassassin.sh)")
+pytestmark = requires_spamassassin
 
 
 @pytest.fixture(scope="module")
