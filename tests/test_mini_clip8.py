@@ -182,3 +182,20 @@ def test_evaluator_writes_per_task_metrics(built, cfg):
         p = record["accuracy"] / 100
         assert record["stderr"] == pytest.approx(100 * math.sqrt(p * (1 - p) / record["n"]))
         assert record["model"].endswith("expert") and "provenance" in record
+
+
+def test_tower_sensitivity_bench(built, cfg):
+    """bench/tower_sensitivity.py: fp accuracy = the evaluator's average; each bit width rounds the
+    original weights (8 bits after 2 is still nearly exact)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tower_sensitivity", Path(__file__).parents[1] / "bench" / "tower_sensitivity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    head = suite.load_head(built / "pretrained" / suite.HEAD_FILE)
+    report = bench.measure(built / "expert", cfg, head, built / "data", [2, 8], 128)
+    evaluated = [json.loads((built / "eval" / f"{task}.json").read_text())["accuracy"] for task in cfg["tasks"]]
+    assert report["fp"]["accuracy"] == pytest.approx(np.mean(evaluated), abs=0.01)
+    assert 0 < report["rtn8"]["weight_rel_error"] < 0.02 < report["rtn2"]["weight_rel_error"] < 1
+    assert abs(report["rtn8"]["change"]) <= abs(report["rtn2"]["change"]) + 1.0
+    assert report["outlier_ratio"]["max"] >= report["outlier_ratio"]["median"] >= 1
