@@ -44,34 +44,27 @@ def encoder_linears(tower: zs.ClipVisionTower) -> list[str]:
             key.endswith(("_proj.weight", "fc1.weight", "fc2.weight"))]
 
 
-def average_accuracy(tower, cfg, head, tasks, data_dir) -> tuple[float, float]:
-    stderrs, accuracies = [], []
-    for task in tasks:
-        pixel_values, labels = mini_clip8.test_set(cfg, task, data_dir)
-        predictions = zs.predict(tower, pixel_values, head["visual_projection.weight"], head[f"heads.{task}"],
-                                 head["logit_scale"], cfg["eval"]["batch_size"])
-        accuracy, stderr, _ = zs.accuracy(predictions, labels)
-        accuracies.append(accuracy)
-        stderrs.append(stderr)
-    return statistics.fmean(accuracies), zs.average_stderr(stderrs)
-
-
-def measure(model_dir: Path, cfg, head, data_dir, bits_list, group_size) -> dict:
+def measure(model_dir: Path, cfg, head, sources: mini_clip8.Sources, bits_list, group_size) -> dict:
     if (model_dir / mini_clip8.HEAD_FILE).exists():  # a pretrained tower carries its own projection
         head = mini_clip8.load_head(model_dir / mini_clip8.HEAD_FILE)
     tower = RecordingTower.from_pretrained(model_dir).eval()
     tasks = list(cfg["tasks"])
     linears = encoder_linears(tower)
-    pixel_values, _ = mini_clip8.test_set(cfg, tasks[0], data_dir)
+    first = mini_clip8.task_split(cfg, tasks[0], "test", sources)
     tower.channel_absmax = {}
     with torch.no_grad():
-        tower(pixel_values[:256])
+        tower(mini_clip8.to_pixel_values(first.images[:256], cfg))
     ratios = [float(m.max() / m.median()) for m in tower.channel_absmax.values()]
     tower.channel_absmax = None
     report = {"model": str(model_dir), "outlier_ratio": {"median": round(statistics.median(ratios), 2),
                                                          "max": round(max(ratios), 2)}}
-    accuracy, stderr = average_accuracy(tower, cfg, head, tasks, data_dir)
-    report["fp"] = {"accuracy": round(accuracy, 2), "stderr": round(stderr, 2)}
+
+    def average() -> dict:
+        return mini_clip8.average_accuracy(mini_clip8.evaluate_tasks(tower, head, cfg, tasks, sources))
+
+    fp = average()
+    accuracy = fp["accuracy"]
+    report["fp"] = {"accuracy": round(accuracy, 2), "stderr": round(fp["stderr"], 2)}
     originals = {name: tower.w[name + ".weight"].clone() for name in linears}
     for bits in bits_list:
         errors = []
@@ -79,7 +72,7 @@ def measure(model_dir: Path, cfg, head, data_dir, bits_list, group_size) -> dict
             quantized = rtn_quantize(weight, bits, group_size).weight
             errors.append(float((quantized - weight).norm() / weight.norm()))
             tower.w[name + ".weight"] = quantized
-        rtn_accuracy, _ = average_accuracy(tower, cfg, head, tasks, data_dir)
+        rtn_accuracy = average()["accuracy"]
         report[f"rtn{bits}"] = {"accuracy": round(rtn_accuracy, 2), "change": round(rtn_accuracy - accuracy, 2),
                                 "weight_rel_error": round(statistics.fmean(errors), 3)}
         tower.w.update({name + ".weight": weight for name, weight in originals.items()})
@@ -98,10 +91,10 @@ def main() -> None:
     cfg = mini_clip8.load_config(args.suite_config)
     mini_clip8.set_threads(cfg, args.threads)
     head = mini_clip8.load_head(args.suite_dir / "pretrained" / mini_clip8.HEAD_FILE)
-    data_dir = args.suite_dir / "data"
+    sources = mini_clip8.Sources(cfg, args.suite_dir / "data")  # read once, shared by every model
     for model_dir in args.models or [args.suite_dir / "pretrained"]:
         started = time.time()
-        report = measure(model_dir, cfg, head, data_dir, args.bits, args.group_size)
+        report = measure(model_dir, cfg, head, sources, args.bits, args.group_size)
         report["seconds"] = round(time.time() - started, 1)
         print(json.dumps(report), flush=True)
 

@@ -193,7 +193,7 @@ def test_tower_sensitivity_bench(built, cfg):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     head = suite.load_head(built / "pretrained" / suite.HEAD_FILE)
-    report = bench.measure(built / "expert", cfg, head, built / "data", [2, 8], 128)
+    report = bench.measure(built / "expert", cfg, head, suite.Sources(cfg, built / "data"), [2, 8], 128)
     evaluated = [json.loads((built / "eval" / f"{task}.json").read_text())["accuracy"] for task in cfg["tasks"]]
     assert report["fp"]["accuracy"] == pytest.approx(np.mean(evaluated), abs=0.01)
     assert 0 < report["rtn8"]["weight_rel_error"] < 0.02 < report["rtn2"]["weight_rel_error"] < 1

@@ -16,10 +16,10 @@ import torch
 import yaml
 
 from epmq.suites import mini_llm3 as suite
+from epmq.suites.registry import packaged_config
 from tests.suite_data import requires_spamassassin
 
-CONFIG_DIR = Path(suite.__file__).parent
-SMOKE = CONFIG_DIR / "mini-llm3-smoke.yaml"
+SMOKE = packaged_config("mini-llm3-smoke")
 
 
 pytestmark = requires_spamassassin
@@ -43,7 +43,7 @@ def built(tmp_path_factory, cfg):
 
 
 def test_default_config_is_the_table4_setting():
-    full = suite.load_config(CONFIG_DIR / "mini-llm3.yaml")
+    full = suite.load_config(packaged_config("mini-llm3"))
     assert full["builder"] == "mini-llm" and full["model"]["source"] == "gguf"
     assert list(full["tasks"]) == ["arith", "spam", "code"]
     assert "4-bit blocks of 32" in full["table_note"]

@@ -10,16 +10,15 @@ import email
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from epmq.suites import mini_text4 as suite
+from epmq.suites.registry import packaged_config
 from tests.suite_data import requires_spamassassin
 
-CONFIG_DIR = Path(suite.__file__).parent
-SMOKE = CONFIG_DIR / "mini-text4-smoke.yaml"
+SMOKE = packaged_config("mini-text4-smoke")
 
 
 pytestmark = requires_spamassassin
@@ -49,7 +48,7 @@ def emails(built, cfg):
 
 
 def test_default_config_is_complete():
-    full = suite.load_config(CONFIG_DIR / "mini-text4.yaml")
+    full = suite.load_config(packaged_config("mini-text4"))
     assert full["builder"] == "mini-text" and full["suite"] == "mini-text4"
     assert list(full["tasks"]) == ["spam", "list-topic", "hard-ham", "ham-period"]
     assert len(full["tasks"]["list-topic"]["classes"]) == 7

@@ -458,7 +458,8 @@ def load_head(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _evaluate_tasks(encoder: zs.ImageEncoder, head: dict, cfg: dict, tasks, sources) -> dict[str, dict]:
+def evaluate_tasks(encoder: zs.ImageEncoder, head: dict, cfg: dict, tasks, sources) -> dict[str, dict]:
+    """Zero-shot top-1 accuracy and standard error of ``encoder`` on each task's test split."""
     results = {}
     for task in tasks:
         split = task_split(cfg, task, "test", sources)
@@ -563,12 +564,12 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
     head = {"visual_projection.weight": projection.weight.detach().clone().contiguous(),
             "logit_scale": logit_scale.detach().clone().reshape(())}
     head.update({f"heads.{task}": h.contiguous() for task, h in heads.items()})
-    zero_shot = _evaluate_tasks(zs.hf_pooled_encoder(model), head, cfg, cfg["tasks"], sources)
+    zero_shot = evaluate_tasks(zs.hf_pooled_encoder(model), head, cfg, cfg["tasks"], sources)
     build = {
         "suite": cfg["suite"],
         "stage": "pretrain",
         "zero_shot": zero_shot,
-        "zero_shot_average": _average(zero_shot),
+        "zero_shot_average": average_accuracy(zero_shot),
         "loss_first_last": [losses[0], float(np.mean(losses[-20:]))],
         "n_caption_texts": len(texts),
         "seconds": {"text": round(text_seconds, 1), "train": round(train_seconds, 1), "total": round(time.time() - started, 1)},
@@ -583,7 +584,8 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
     return build
 
 
-def _average(results: dict[str, dict]) -> dict:
+def average_accuracy(results: dict[str, dict]) -> dict:
+    """Mean accuracy over the tasks of ``evaluate_tasks``' results, with its standard error."""
     accs = [r["accuracy"] for r in results.values()]
     return {"accuracy": round(float(np.mean(accs)), 3), "stderr": round(zs.average_stderr([r["stderr"] for r in results.values()]), 3)}
 
@@ -624,7 +626,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
         losses.append(loss.item())
     train_seconds = time.time() - started
     model.eval()
-    accuracy = _evaluate_tasks(zs.hf_pooled_encoder(model), head, cfg, [task], sources)[task]
+    accuracy = evaluate_tasks(zs.hf_pooled_encoder(model), head, cfg, [task], sources)[task]
     build = {
         "suite": cfg["suite"],
         "stage": "finetune",
