@@ -21,6 +21,7 @@ STAGES = {
     "evaluate": ("evals.evaluate", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
     "aggregate": ("evals.aggregate", "collect per-task metrics of many models into one tidy CSV"),
     "render": ("evals.render", "render a target's tables (Markdown, LaTeX, HTML) or figure (PNG)"),
+    "convert": ("epmq.convert", "convert a CLIP vision tower between open_clip and transformers (--from open_clip --to hf, and back)"),
     "demo": ("epmq.demo", "quantize one random layer with every method and print the objectives"),
 }
 
