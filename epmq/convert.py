@@ -329,6 +329,9 @@ def align_to(state: dict[str, torch.Tensor], like: str | os.PathLike) -> tuple[d
     reference = LazyCheckpoint(like)
     aligned, used = {}, set()
     for key in reference.keys():
+        if key.endswith("embeddings.position_ids") and not any(k.endswith("embeddings.position_ids") for k in state):
+            aligned[key] = reference.get(key)  # a buffer transformers 4 saved: arange(tokens), not a weight
+            continue
         if key in state:
             match = key
         else:
@@ -352,11 +355,14 @@ def open_clip_checkpoint_to_hf(
     head_width: int = HEAD_WIDTH,
     act: str | None = None,
     like: str | os.PathLike | None = None,
+    write_record: bool = True,
 ) -> dict:
     """Write open_clip checkpoint ``src`` as an HF folder ``out`` (atomically); return the conversion record.
 
     ``act`` defaults to the activation recorded in ``src``'s metadata, else quick_gelu. With
     ``like``, tensor names follow that HF checkpoint and tensors it lacks are dropped (recorded).
+    The record is also written as ``out/convert.json`` unless ``write_record`` is false (on-the-fly
+    conversions, whose record goes into the consuming stage's own record instead).
     """
     src, out = Path(src), Path(out)
     state, metadata = read_state_dict(src)
@@ -397,7 +403,8 @@ def open_clip_checkpoint_to_hf(
     with atomic_output_dir(out) as staging:
         _hf_config(config).save_pretrained(staging)
         save_file(converted, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(staging / RECORD, {**record, "provenance": provenance()})
+        if write_record:
+            atomic_write_json(staging / RECORD, {**record, "provenance": provenance()})
     log.info("converted %s (open_clip, %d layers, width %d, %d heads, %s) -> %s", src, config["num_hidden_layers"],
              config["hidden_size"], config["num_attention_heads"], act, out)
     return record
@@ -490,7 +497,7 @@ def hf_inputs(
             reference = like if like is not None else (converted[0] if converted else None)
             if is_open_clip(path):
                 target = tmp / f"{position}-{path.stem}"
-                records.append(open_clip_checkpoint_to_hf(path, target, like=reference))
+                records.append(open_clip_checkpoint_to_hf(path, target, like=reference, write_record=False))
                 path = target
             converted.append(path)
         yield converted, records

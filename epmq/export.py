@@ -11,6 +11,9 @@ The format has one group layout per scheme: every quantized linear must share bi
 symmetry, groups must be consecutive columns (no act-order with groups formed in permuted order;
 quantize with ``static_groups`` for act-order exports), and the group size must divide d_in.
 CLIP, T5 and BERT checkpoints stay in this project's own format (``epmq.checkpoint``).
+
+``--format open_clip`` writes a CLIP vision tower (merged, or quantized and then dequantized) back
+as an open_clip state dict (``epmq.convert``), for use where the experts came from: open_clip.
 """
 
 from __future__ import annotations
@@ -100,12 +103,19 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="a quantized checkpoint written by `quantize`")
-    parser.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="a quantized checkpoint written by `quantize` (open_clip: also a merged CLIP vision tower)")
+    parser.add_argument("--format", choices=["compressed-tensors", "open_clip"], default="compressed-tensors",
+                        help="open_clip: a CLIP vision tower as an open_clip state dict, dequantized (--out FILE.safetensors or .pt)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="directory whose tokenizer files are copied along")
     parser.add_argument("--out", required=True, type=Path)
 
 
 def run(args: argparse.Namespace) -> int:
-    export_compressed_tensors(args.model, args.out, args.tokenizer)
+    if args.format == "open_clip":
+        from epmq.convert import hf_checkpoint_to_open_clip
+
+        hf_checkpoint_to_open_clip(args.model, args.out)
+    else:
+        export_compressed_tensors(args.model, args.out, args.tokenizer)
     return 0

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from epmq.checkpoint import load_model, save_quantized
 from epmq.config import method_params
+from epmq.convert import hf_inputs
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint, sha256_file
 from epmq.methods import get_method
@@ -27,10 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory of the (merged) model")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="checkpoint directory of the (merged) model, or an open_clip state dict (converted on the fly)")
     parser.add_argument("--method", required=True, help="rtn | gptq | awq | epmq | epmq_fp")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
-    parser.add_argument("--experts", nargs="*", type=Path, default=[], help="expert checkpoints, one per task")
+    parser.add_argument("--experts", nargs="*", type=Path, default=[],
+                        help="expert checkpoints, one per task (HF, or open_clip: converted on the fly)")
     parser.add_argument("--calib", nargs="*", type=Path, default=[], help="calibration files, one per task")
     parser.add_argument("--tasks", nargs="*", default=None, help="task names (default: calibration file stems)")
     parser.add_argument("--bits", type=int)
@@ -92,9 +95,19 @@ def run(args: argparse.Namespace) -> int:
             overrides[key] = yaml.safe_load(value)
     params = method_params("quantize", **overrides)
     method = get_method(args.method, params)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # open_clip model or experts become temporary HF folders (experts named like the model), recorded
+    with hf_inputs([args.model], workdir=args.out.parent) as ((model_dir,), model_conversions), \
+            hf_inputs(args.experts, like=model_dir, workdir=args.out.parent) as (experts, expert_conversions):
+        conversions = model_conversions + expert_conversions
+        _quantize(args, method, params, model_dir, experts, {"open_clip_conversions": conversions} if conversions else {})
+    return 0
+
+
+def _quantize(args: argparse.Namespace, method, params: dict, model_dir: Path, experts: list[Path], record: dict) -> None:
     names = args.tasks or [file.stem for file in args.calib]
-    tasks = load_calibration(args.calib, names, args.experts, params["batch_size"]) if method.needs_calibration else []
-    model = load_model(args.model).to(args.device)
+    tasks = load_calibration(args.calib, names, experts, params["batch_size"]) if method.needs_calibration else []
+    model = load_model(model_dir).to(args.device)
     result = quantize_model(model, method, tasks)
     metadata = {
         "method": method.name,
@@ -113,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "seconds": result.seconds,
         "layer_log": result.records,
+        **record,
     }
     save_quantized(args.out, model.cpu(), {name: layer.replacement for name, layer in result.replacements.items()}, metadata)
     log.info("quantized %d linears with %s in %.1f s -> %s", len(result.replacements), method.name, result.seconds, args.out)
-    return 0

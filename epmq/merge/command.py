@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import yaml
 
-from epmq.merge.registry import MERGERS
+from epmq.convert import hf_inputs
+from epmq.merge.registry import MERGERS, MergeError
 from epmq.merge.streaming import merge_checkpoints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=sorted(MERGERS), help="merge operator")
-    parser.add_argument("--pretrained", required=True, metavar="DIR", help="pretrained checkpoint (HF safetensors)")
-    parser.add_argument("--experts", required=True, nargs="+", metavar="DIR", help="fine-tuned expert checkpoints")
+    parser.add_argument("--pretrained", required=True, metavar="DIR",
+                        help="pretrained checkpoint (HF safetensors, or an open_clip state dict: converted on the fly)")
+    parser.add_argument("--experts", required=True, nargs="+", metavar="DIR",
+                        help="fine-tuned expert checkpoints (HF, or open_clip: converted on the fly, recorded in merge.json)")
     parser.add_argument(
         "--param",
         action="append",
@@ -43,9 +47,16 @@ def parse_params(pairs: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        merge_checkpoints(
-            args.method, args.pretrained, args.experts, args.out, parse_params(args.param), device=args.device
-        )
+        sources, out = [Path(args.pretrained), *map(Path, args.experts)], Path(args.out)
+        if out.resolve() in {path.resolve() for path in sources}:
+            raise MergeError(f"the output directory {out} is one of the inputs")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # open_clip inputs become temporary HF folders beside the output, named like the pretrained model
+        with hf_inputs(sources, workdir=out.parent) as (paths, conversions):
+            merge_checkpoints(
+                args.method, paths[0], paths[1:], out, parse_params(args.param), device=args.device,
+                record={"open_clip_conversions": conversions} if conversions else None,
+            )
     except ValueError as error:  # MergeError, CheckpointError and schema errors: bad input, nothing written
         message = " ".join(str(error).split())
         print(f"epmq merge: error: {message}", file=sys.stderr)

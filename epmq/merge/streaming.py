@@ -97,12 +97,14 @@ def merge_checkpoints(
     params: Mapping | None = None,
     *,
     device: torch.device | str | None = None,
+    record: Mapping | None = None,
 ) -> Path:
     """Merge the expert checkpoints into ``out`` with operator ``method``, streaming; return ``out``.
 
     ``pretrained`` is an HF ``save_pretrained`` directory (safetensors, single or sharded); the
     experts are directories or ``.safetensors`` files with the same tensors. ``params`` are
     validated and completed from the schema; ``device`` is where WUDI optimises (default CPU).
+    ``record`` adds entries to ``merge.json`` (e.g. how inputs were converted from open_clip).
     Raises :class:`MergeError` (or :class:`epmq.io.CheckpointError`, both ``ValueError``) on bad
     input or a non-finite result, leaving nothing at ``out``.
     """
@@ -132,6 +134,7 @@ def merge_checkpoints(
                 "pretrained": _identity(pretrained),
                 "experts": [_identity(path) for path in experts],
                 "provenance": provenance(device=str(device or "cpu")),
+                **dict(record or {}),
             },
         )
     log.info("wrote %s", out)

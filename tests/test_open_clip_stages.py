@@ -1,0 +1,134 @@
+"""open_clip experts given directly to ``merge``, ``quantize`` and ``export``: converted on the fly,
+recorded, and the same result as converting first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from epmq.checkpoint import dequantized_state, quantization_info
+from epmq.cli import main
+from epmq.convert import open_clip_checkpoint_to_hf, read_state_dict
+from epmq.io import LazyCheckpoint
+
+WIDTH, LAYERS, PATCH, GRID, MLP, EMBED = 128, 2, 4, 4, 256, 16  # 128 wide: 2 heads of open_clip's width 64
+
+
+def tower(seed: int, base: dict | None = None) -> dict[str, torch.Tensor]:
+    """An open_clip ViT state dict; with ``base``, an expert: base plus a small seeded change."""
+    g = torch.Generator().manual_seed(seed)
+    if base is not None:
+        return {key: value + 0.01 * torch.randn(value.shape, generator=g) for key, value in base.items()}
+    shapes = {"class_embedding": (WIDTH,), "positional_embedding": (GRID * GRID + 1, WIDTH), "proj": (WIDTH, EMBED),
+              "conv1.weight": (WIDTH, 3, PATCH, PATCH), "ln_pre.weight": (WIDTH,), "ln_pre.bias": (WIDTH,),
+              "ln_post.weight": (WIDTH,), "ln_post.bias": (WIDTH,)}
+    for n in range(LAYERS):
+        b = f"transformer.resblocks.{n}."
+        shapes.update({b + "attn.in_proj_weight": (3 * WIDTH, WIDTH), b + "attn.in_proj_bias": (3 * WIDTH,),
+                       b + "attn.out_proj.weight": (WIDTH, WIDTH), b + "attn.out_proj.bias": (WIDTH,),
+                       b + "ln_1.weight": (WIDTH,), b + "ln_1.bias": (WIDTH,), b + "ln_2.weight": (WIDTH,),
+                       b + "ln_2.bias": (WIDTH,), b + "mlp.c_fc.weight": (MLP, WIDTH), b + "mlp.c_fc.bias": (MLP,),
+                       b + "mlp.c_proj.weight": (WIDTH, MLP), b + "mlp.c_proj.bias": (WIDTH,)})
+    state = {}
+    for name, shape in shapes.items():
+        value = 0.1 * torch.randn(shape, generator=g)
+        state["visual." + name] = value + 1 if "ln_" in name and name.endswith("weight") else value
+    return state
+
+
+@pytest.fixture
+def open_clip_models(tmp_path):
+    """A pretrained open_clip tower (.pt) and two experts (.pt and .safetensors)."""
+    base = tower(0)
+    torch.save(base, tmp_path / "pretrained.pt")
+    torch.save(tower(1, base), tmp_path / "expert_a.pt")
+    save_file(tower(2, base), str(tmp_path / "expert_b.safetensors"))
+    return tmp_path / "pretrained.pt", [tmp_path / "expert_a.pt", tmp_path / "expert_b.safetensors"]
+
+
+def test_merge_takes_open_clip_experts(tmp_path, open_clip_models):
+    pretrained, experts = open_clip_models
+    out = tmp_path / "merged" / "ta"
+    assert main(["merge", "--method", "task_arithmetic", "--pretrained", str(pretrained),
+                 "--experts", *map(str, experts), "--param", "scaling=0.3", "--out", str(out)]) == 0
+    record = json.loads((out / "merge.json").read_text())
+    conversions = record["open_clip_conversions"]
+    assert [Path(c["source"]).name for c in conversions] == ["pretrained.pt", "expert_a.pt", "expert_b.safetensors"]
+    assert all(c["config"]["num_attention_heads"] == 2 and c["dropped"] == [] for c in conversions)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "merge.json", "model.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ta"]  # temporary conversions removed
+    # the same as converting first and merging HF folders
+    hf = [tmp_path / "hf" / name for name in ("p", "a", "b")]
+    for source, target in zip([pretrained, *experts], hf):
+        open_clip_checkpoint_to_hf(source, target)
+    assert main(["merge", "--method", "task_arithmetic", "--pretrained", str(hf[0]), "--experts", *map(str, hf[1:]),
+                 "--param", "scaling=0.3", "--out", str(tmp_path / "reference")]) == 0
+    merged, reference = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "reference" / "model.safetensors"))
+    assert set(merged) == set(reference) and all(torch.equal(merged[k], reference[k]) for k in merged)
+    # and back to open_clip: the task-arithmetic merge of the open_clip tensors themselves
+    assert main(["export", "--format", "open_clip", "--model", str(out), "--out", str(tmp_path / "merged.pt")]) == 0
+    back, _ = read_state_dict(tmp_path / "merged.pt")
+    states = [read_state_dict(path)[0] for path in [pretrained, *experts]]
+    for key, value in back.items():
+        expected = states[0][key] + 0.3 * sum(state[key] - states[0][key] for state in states[1:])
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+
+
+def test_open_clip_experts_follow_an_hf_pretrained_model(tmp_path, open_clip_models):
+    """An HF CLIPVisionModel pretrained tower (no projection, transformers 4 key names) with open_clip experts:
+    the experts take its tensor names; their projection, which it lacks, is dropped and recorded."""
+    pretrained, experts = open_clip_models
+    open_clip_checkpoint_to_hf(pretrained, tmp_path / "with_projection")
+    hf = tmp_path / "hf_pretrained"
+    hf.mkdir()
+    config = json.loads((tmp_path / "with_projection" / "config.json").read_text())
+    config.pop("projection_dim")
+    config["architectures"] = ["CLIPVisionModel"]
+    (hf / "config.json").write_text(json.dumps(config))
+    state = load_file(str(tmp_path / "with_projection" / "model.safetensors"))
+    state.pop("visual_projection.weight")
+    save_file(state, str(hf / "model.safetensors"))
+    assert main(["merge", "--method", "simple_average", "--pretrained", str(hf), "--experts", *map(str, experts),
+                 "--out", str(tmp_path / "merged")]) == 0
+    conversions = json.loads((tmp_path / "merged" / "merge.json").read_text())["open_clip_conversions"]
+    assert [c["dropped"] for c in conversions] == [["visual_projection.weight"]] * 2
+    assert set(load_file(str(tmp_path / "merged" / "model.safetensors"))) == set(state)
+
+
+def test_quantize_and_export_take_open_clip(tmp_path, open_clip_models):
+    pretrained, experts = open_clip_models
+    g = torch.Generator().manual_seed(3)
+    calib = []
+    for task in ("a", "b"):
+        calib.append(tmp_path / f"{task}.safetensors")
+        save_file({"pixel_values": torch.randn(8, 3, PATCH * GRID, PATCH * GRID, generator=g)}, str(calib[-1]))
+    out = tmp_path / "quant"
+    assert main(["quantize", "--model", str(pretrained), "--method", "epmq", "--group-size", "64", "--batch-size", "4",
+                 "--experts", *map(str, experts), "--calib", *map(str, calib), "--out", str(out), "--device", "cpu"]) == 0
+    info = quantization_info(out)
+    assert [Path(c["source"]).name for c in info["open_clip_conversions"]] == ["pretrained.pt", "expert_a.pt",
+                                                                                "expert_b.safetensors"]
+    assert info["model"] == str(pretrained) and [t["expert"] for t in info["tasks"]] == list(map(str, experts))
+    assert len(info["layers"]) == 6 * LAYERS and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # export the quantized tower as open_clip: the dequantized weights, fused again
+    assert main(["export", "--format", "open_clip", "--model", str(out), "--out", str(tmp_path / "q.safetensors")]) == 0
+    back, metadata = read_state_dict(tmp_path / "q.safetensors")
+    dequantized = dequantized_state(LazyCheckpoint(out), info["layers"])
+    q, k, v = (dequantized[f"vision_model.encoder.layers.1.self_attn.{name}.weight"] for name in ("q_proj", "k_proj", "v_proj"))
+    assert torch.equal(back["visual.transformer.resblocks.1.attn.in_proj_weight"], torch.cat([q, k, v]))
+    assert json.loads(metadata["epmq_convert"])["quantized"] is True
+    assert set(back) == set(read_state_dict(pretrained)[0])
+
+
+def test_bad_open_clip_input_to_merge_is_one_line(tmp_path, open_clip_models, capsys):
+    pretrained, experts = open_clip_models
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    assert main(["merge", "--method", "simple_average", "--pretrained", str(pretrained),
+                 "--experts", str(experts[0]), str(tmp_path / "module.pt"), "--out", str(tmp_path / "merged")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "module.pt" in error and "weights_only" in error
+    assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
