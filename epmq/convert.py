@@ -359,8 +359,9 @@ def open_clip_checkpoint_to_hf(
 ) -> dict:
     """Write open_clip checkpoint ``src`` as an HF folder ``out`` (atomically); return the conversion record.
 
-    ``act`` defaults to the activation recorded in ``src``'s metadata, else quick_gelu. With
-    ``like``, tensor names follow that HF checkpoint and tensors it lacks are dropped (recorded).
+    ``act`` and ``heads`` default to what ``src``'s metadata records, else to ``like``'s config,
+    else to quick_gelu and ``width // head_width``. With ``like``, tensor names follow that HF
+    checkpoint and tensors it lacks are dropped (recorded).
     The record is also written as ``out/convert.json`` unless ``write_record`` is false (on-the-fly
     conversions, whose record goes into the consuming stage's own record instead).
     """
@@ -369,13 +370,25 @@ def open_clip_checkpoint_to_hf(
     prefix = open_clip_prefix(list(state), src)
     visual = {key[len(prefix) + len(VISUAL):]: value for key, value in state.items() if key.startswith(prefix + VISUAL)}
     others = len(state) - len(visual)
-    act_from = "argument" if act else ("checkpoint metadata" if _METADATA_ACT in metadata else "default (OpenAI CLIP)")
-    act = act or metadata.get(_METADATA_ACT, DEFAULT_ACTIVATION)
-    if heads is None and _METADATA_HEADS in metadata:
-        heads = int(metadata[_METADATA_HEADS])
-        heads_from = "checkpoint metadata"
+    # Not in the shapes: the argument, else what the file or the reference model (an expert's
+    # pretrained tower shares its heads and activation) records, else open_clip's conventions.
+    reference = json.loads((Path(like) / "config.json").read_text()) if like and (Path(like) / "config.json").exists() else {}
+    if act:
+        act_from = "argument"
+    elif _METADATA_ACT in metadata:
+        act, act_from = metadata[_METADATA_ACT], "checkpoint metadata"
+    elif reference.get("hidden_act"):
+        act, act_from = reference["hidden_act"], f"config of {like}"
     else:
-        heads_from = "argument" if heads is not None else f"width // head_width ({head_width}, open_clip's convention)"
+        act, act_from = DEFAULT_ACTIVATION, "default (OpenAI CLIP)"
+    if heads is not None:
+        heads_from = "argument"
+    elif _METADATA_HEADS in metadata:
+        heads, heads_from = int(metadata[_METADATA_HEADS]), "checkpoint metadata"
+    elif reference.get("num_attention_heads"):
+        heads, heads_from = int(reference["num_attention_heads"]), f"config of {like}"
+    else:
+        heads_from = f"width // head_width ({head_width}, open_clip's convention)"
     config = infer_config(visual, heads=heads, head_width=head_width, act=act, where=src)
     converted = open_clip_to_hf(visual, config["num_hidden_layers"], where=src)
     del state, visual

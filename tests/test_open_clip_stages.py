@@ -50,6 +50,20 @@ def open_clip_models(tmp_path):
     return tmp_path / "pretrained.pt", [tmp_path / "expert_a.pt", tmp_path / "expert_b.safetensors"]
 
 
+def hf_tower_without_projection(open_clip_file: Path, out: Path) -> Path:
+    """The pretrained tower as the CLIP suites keep it: CLIPVisionModel, ``vision_model.`` keys, no projection."""
+    open_clip_checkpoint_to_hf(open_clip_file, out.with_name(out.name + "-full"))
+    out.mkdir()
+    config = json.loads((out.with_name(out.name + "-full") / "config.json").read_text())
+    config.pop("projection_dim")
+    config["architectures"] = ["CLIPVisionModel"]
+    (out / "config.json").write_text(json.dumps(config))
+    state = load_file(str(out.with_name(out.name + "-full") / "model.safetensors"))
+    state.pop("visual_projection.weight")
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
 def test_merge_takes_open_clip_experts(tmp_path, open_clip_models):
     pretrained, experts = open_clip_models
     out = tmp_path / "merged" / "ta"
@@ -82,21 +96,12 @@ def test_open_clip_experts_follow_an_hf_pretrained_model(tmp_path, open_clip_mod
     """An HF CLIPVisionModel pretrained tower (no projection, transformers 4 key names) with open_clip experts:
     the experts take its tensor names; their projection, which it lacks, is dropped and recorded."""
     pretrained, experts = open_clip_models
-    open_clip_checkpoint_to_hf(pretrained, tmp_path / "with_projection")
-    hf = tmp_path / "hf_pretrained"
-    hf.mkdir()
-    config = json.loads((tmp_path / "with_projection" / "config.json").read_text())
-    config.pop("projection_dim")
-    config["architectures"] = ["CLIPVisionModel"]
-    (hf / "config.json").write_text(json.dumps(config))
-    state = load_file(str(tmp_path / "with_projection" / "model.safetensors"))
-    state.pop("visual_projection.weight")
-    save_file(state, str(hf / "model.safetensors"))
+    hf = hf_tower_without_projection(pretrained, tmp_path / "hf_pretrained")
     assert main(["merge", "--method", "simple_average", "--pretrained", str(hf), "--experts", *map(str, experts),
                  "--out", str(tmp_path / "merged")]) == 0
     conversions = json.loads((tmp_path / "merged" / "merge.json").read_text())["open_clip_conversions"]
     assert [c["dropped"] for c in conversions] == [["visual_projection.weight"]] * 2
-    assert set(load_file(str(tmp_path / "merged" / "model.safetensors"))) == set(state)
+    assert set(load_file(str(tmp_path / "merged" / "model.safetensors"))) == set(load_file(str(hf / "model.safetensors")))
 
 
 def test_quantize_and_export_take_open_clip(tmp_path, open_clip_models):
@@ -132,3 +137,35 @@ def test_bad_open_clip_input_to_merge_is_one_line(tmp_path, open_clip_models, ca
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "module.pt" in error and "weights_only" in error
     assert not (tmp_path / "merged").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_experts_table_lists_open_clip_experts(tmp_path, open_clip_models, capsys):
+    """A hub-clip suite whose experts.tsv rows are open_clip state dicts: a local .pt and a folder of safetensors."""
+    pretrained, experts = open_clip_models
+    folder = tmp_path / "laion-style"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text("{}")
+    save_file(load_file(str(experts[1])), str(folder / "open_clip_model.safetensors"))
+    table = tmp_path / "experts.tsv"
+    table.write_text("suite\trole\ttask\tsource\trevision\tnote\n"
+                     f"oc\tpretrained\t-\t{tmp_path / 'clip'}\tmain\t\n"
+                     f"oc\texpert\teurosat\t{experts[0]}\tmain\topen_clip state dict\n"
+                     f"oc\texpert\tmnist\t{folder}\tmain\topen_clip safetensors\n")
+    config = tmp_path / "oc.yaml"
+    config.write_text(json.dumps({"suite": "oc", "builder": "hub-clip", "experts_table": str(table),
+                                  "tasks": ["eurosat", "mnist"]}))
+    suite_pretrained = hf_tower_without_projection(pretrained, tmp_path / "pretrained")
+    for task in ("eurosat", "mnist"):
+        out = tmp_path / "experts" / task
+        assert main(["suite", "finetune", "--suite-config", str(config), "--pretrained", str(suite_pretrained),
+                     "--task", task, "--out", str(out)]) == 0
+        record = json.loads((out / "convert.json").read_text())
+        assert record["dropped"] == ["visual_projection.weight"] and record["heads_from"] == f"config of {suite_pretrained}"
+        assert set(LazyCheckpoint(out).keys()) == set(LazyCheckpoint(suite_pretrained).keys())
+    assert main(["merge", "--method", "ties", "--pretrained", str(suite_pretrained), "--experts",
+                 str(tmp_path / "experts" / "eurosat"), str(tmp_path / "experts" / "mnist"), "--out", str(tmp_path / "m")]) == 0
+    # the pretrained row must stay a full HF CLIPModel: its text tower builds the zero-shot heads
+    table.write_text(table.read_text().replace(str(tmp_path / "clip"), str(pretrained)))
+    assert main(["suite", "pretrain", "--suite-config", str(config), "--out", str(tmp_path / "p")]) == 2
+    assert "is an open_clip checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

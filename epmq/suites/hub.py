@@ -127,6 +127,13 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
     if cfg["builder"] != "hub-clip":
         fetch(entry.source, entry.revision, out, label=label)
         return
+    from epmq.convert import is_open_clip
+
+    local = Path(entry.source.removeprefix("local:")).expanduser()
+    if local.exists() and is_open_clip(local):
+        raise ValueError(f"{cfg['experts_table']}: the pretrained row of suite {cfg['suite']} is an open_clip checkpoint "
+                         f"({entry.source}); it must be a full HF CLIPModel (its text tower builds the zero-shot heads). "
+                         "Experts may be open_clip")
     cache = Path(cfg.get("models_dir", "resources/models")) / resource_name(entry.source, entry.revision)
     if not cache.exists():
         fetch(entry.source, entry.revision, cache, label=label)
@@ -144,15 +151,32 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
 
 def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.PathLike,
              data_dir: str | os.PathLike | None = None) -> None:
-    """Fetch task ``task``'s expert, with the pretrained model's tensor names."""
-    from epmq.hub import align_checkpoint, fetch
+    """Fetch task ``task``'s expert, with the pretrained model's tensor names.
+
+    An open_clip expert (recognised by its keys, ``visual.conv1.weight``; a local ``.pt``/``.pth``
+    state dict, or safetensors from a folder or the hub) is converted to the pretrained tower's
+    layout (``epmq.convert``; ``convert.json`` records it, and what the pretrained tower lacks,
+    such as open_clip's ``visual.proj``, is dropped and listed there).
+    """
+    from epmq.convert import is_open_clip, open_clip_checkpoint_to_hf
+    from epmq.hub import FETCH_RECORD, align_checkpoint, fetch, is_local_source
     from epmq.io import LazyCheckpoint
 
     _, experts = _entries(cfg)
     entry = experts[task]
+    local = Path(entry.source.removeprefix("local:")).expanduser()
     with tempfile.TemporaryDirectory() as tmp:
-        fetched = fetch(entry.source, entry.revision, Path(tmp) / "expert", label=f"{cfg['suite']} expert {task}")
-        if set(LazyCheckpoint(fetched).keys()) != set(LazyCheckpoint(pretrained).keys()):
+        if is_local_source(entry.source) and local.exists() and is_open_clip(local):
+            fetched = local  # a state-dict file that fetch (folders of safetensors) does not take
+        else:
+            fetched = fetch(entry.source, entry.revision, Path(tmp) / "expert", label=f"{cfg['suite']} expert {task}")
+        if is_open_clip(fetched):
+            converted = Path(tmp) / "converted"
+            open_clip_checkpoint_to_hf(fetched, converted, like=pretrained)
+            if (Path(fetched) / FETCH_RECORD).exists():
+                shutil.copy2(Path(fetched) / FETCH_RECORD, converted / FETCH_RECORD)
+            fetched = converted
+        elif set(LazyCheckpoint(fetched).keys()) != set(LazyCheckpoint(pretrained).keys()):
             fetched = align_checkpoint(fetched, pretrained, Path(tmp) / "aligned")
         with atomic_output_dir(out) as staging:
             for item in Path(fetched).iterdir():
