@@ -169,3 +169,15 @@ def test_experts_table_lists_open_clip_experts(tmp_path, open_clip_models, capsy
     assert main(["suite", "pretrain", "--suite-config", str(config), "--out", str(tmp_path / "p")]) == 2
     assert "is an open_clip checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def test_quantize_of_open_clip_equals_quantize_of_its_conversion(tmp_path, open_clip_models):
+    pretrained, _ = open_clip_models
+    open_clip_checkpoint_to_hf(pretrained, tmp_path / "hf")
+    for name, model in (("direct", pretrained), ("converted", tmp_path / "hf")):
+        assert main(["quantize", "--model", str(model), "--method", "rtn", "--group-size", "64",
+                     "--out", str(tmp_path / name), "--device", "cpu"]) == 0
+    direct, converted = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("direct", "converted"))
+    assert set(direct) == set(converted) and all(torch.equal(direct[k], converted[k]) for k in direct)
+    assert "open_clip_conversions" in quantization_info(tmp_path / "direct")
+    assert "open_clip_conversions" not in quantization_info(tmp_path / "converted")
