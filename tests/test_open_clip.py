@@ -89,7 +89,8 @@ def open_clip_forward(state: dict, images: torch.Tensor, heads: int, act: str) -
 def hf_image_embeds(model_dir: Path, images: torch.Tensor) -> torch.Tensor:
     from transformers import CLIPVisionModelWithProjection
 
-    model = CLIPVisionModelWithProjection.from_pretrained(model_dir, attn_implementation="eager").double().eval()
+    # sdpa: transformers' eager CLIP attention takes its softmax in float32 (errors ~1e-7 even in float64)
+    model = CLIPVisionModelWithProjection.from_pretrained(model_dir, attn_implementation="sdpa").double().eval()
     with torch.no_grad():
         return model(pixel_values=images).image_embeds
 
@@ -111,7 +112,7 @@ def test_hf_output_equals_open_clip_forward(tmp_path, open_clip_file):
     open_clip_checkpoint_to_hf(open_clip_file, tmp_path / "hf", heads=HEADS)
     embeds = hf_image_embeds(tmp_path / "hf", images)
     assert embeds.shape == (3, EMBED)
-    torch.testing.assert_close(embeds, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(embeds, reference, rtol=0, atol=1e-12)
     # the comparison can fail: a wrong head count or activation changes the output
     assert not torch.allclose(embeds, wrong_heads, atol=1e-3)
     assert not torch.allclose(embeds, wrong_act, atol=1e-3)
@@ -125,7 +126,7 @@ def test_gelu_tower_with_head_width(tmp_path):
     state = {k: t.double() for k, t in open_clip_state().items()}
     images = torch.randn(2, 3, PATCH * GRID, PATCH * GRID, dtype=torch.float64)
     torch.testing.assert_close(hf_image_embeds(tmp_path / "hf", images), open_clip_forward(state, images, HEADS, "gelu"),
-                               rtol=1e-6, atol=1e-6)
+                               rtol=0, atol=1e-12)
 
 
 def test_inferred_config_and_record(tmp_path, open_clip_file):
