@@ -167,7 +167,9 @@ def is_open_clip(path: str | os.PathLike) -> bool:
     if path.is_file() and path.suffix in TORCH_SUFFIXES:
         return True
     if path.is_dir() and not list(path.glob("*.safetensors")):
-        return len([p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES]) == 1
+        # open_clip's hub folders: open_clip_config.json beside open_clip_pytorch_model.bin
+        torch_files = [p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES]
+        return len(torch_files) == 1 and ((path / "open_clip_config.json").exists() or torch_files[0].name.startswith("open_clip"))
     if not (path.is_dir() or path.suffix == ".safetensors"):
         return False
     try:
@@ -196,6 +198,8 @@ def infer_config(
     if unsupported:
         raise ValueError(f"{where}: tensor visual.{unsupported[0]} is an open_clip feature (layer scale or attentional "
                          "pooling) that transformers' CLIPVisionModel lacks; cannot convert")
+    if any(key.startswith(("attnpool.", "layer1.")) for key in visual):
+        raise ValueError(f"{where}: an open_clip ModifiedResNet tower (visual.layer1, visual.attnpool); only ViT towers convert")
     for name in ("conv1.weight", "positional_embedding", "class_embedding"):
         if name not in visual:
             raise ValueError(f"{where}: missing tensor visual.{name}")

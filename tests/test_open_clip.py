@@ -200,6 +200,7 @@ def test_pickled_module_is_refused_naming_why(tmp_path, capsys):
     (lambda s: s.pop("visual.ln_pre.weight"), "no_ln_pre"),
     (lambda s: s.pop("visual.transformer.resblocks.0.mlp.c_fc.bias"), "missing tensor visual.transformer.resblocks.0.mlp.c_fc.bias"),
     (lambda s: s.update({"visual.extra": torch.ones(1)}), "visual.extra has no counterpart"),
+    (lambda s: s.update({"visual.layer1.0.conv1.weight": torch.ones(1)}), "ModifiedResNet"),
     (lambda s: s.update({"visual.trunk.conv1.weight" if k == "visual.conv1.weight" else k: s.pop(k) for k in list(s)}),
      "not an open_clip ViT state dict"),
 ])
@@ -224,16 +225,20 @@ def test_infer_config_heads_flag_checks_divisibility():
 
 
 def test_cli_round_trip_and_detection(tmp_path, open_clip_file):
-    assert is_open_clip(open_clip_file) and is_open_clip(tmp_path)  # a folder holding one state-dict file
-    (tmp_path / "empty").mkdir()
-    assert not is_open_clip(tmp_path / "empty")
+    assert is_open_clip(open_clip_file) and not is_open_clip(tmp_path)  # a folder with some .pt: not said to be
+    hub_folder = tmp_path / "hub"  # open_clip's hub layout
+    hub_folder.mkdir()
+    torch.save(open_clip_state(), hub_folder / "open_clip_pytorch_model.bin")
+    (hub_folder / "open_clip_config.json").write_text("{}")
+    assert is_open_clip(hub_folder)
+    assert open_clip_checkpoint_to_hf(hub_folder, tmp_path / "from_hub", heads=HEADS)["config"]["num_hidden_layers"] == LAYERS
     assert cli_main(["convert", "--from", "open_clip", "--to", "hf", "--src", str(open_clip_file), "--out",
                      str(tmp_path / "hf"), "--heads", str(HEADS)]) == 0
     assert not is_open_clip(tmp_path / "hf")
     assert cli_main(["convert", "--from", "hf", "--to", "open_clip", "--src", str(tmp_path / "hf"), "--out",
                      str(tmp_path / "back.safetensors")]) == 0
     assert is_open_clip(tmp_path / "back.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.safetensors", "empty", "expert.pt", "hf"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.safetensors", "expert.pt", "from_hub", "hf", "hub"]  # no temp files left
 
 
 def test_against_open_clip_create_model(tmp_path):
