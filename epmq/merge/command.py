@@ -6,8 +6,9 @@ import argparse
 import sys
 
 import torch
-import yaml
 
+from epmq.cli import add_overwrite_argument, torch_device
+from epmq.config import parse_assignment
 from epmq.merge.registry import MERGERS
 from epmq.merge.streaming import merge_checkpoints
 
@@ -21,30 +22,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="operator parameter (value parsed as YAML, e.g. scaling=0.3); defaults come from the schema",
+        help="operator parameter (value parsed as YAML, e.g. scaling=0.3, lr=1e-5); defaults come from the schema",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (written atomically)")
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--device",
+        type=torch_device,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where WUDI optimises (default: cuda if available, else cpu); other operators run on cpu",
     )
 
 
 def parse_params(pairs: list[str]) -> dict:
-    params = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
+    return dict(parse_assignment(pair, "--param") for pair in pairs)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         merge_checkpoints(
-            args.method, args.pretrained, args.experts, args.out, parse_params(args.param), device=args.device
+            args.method, args.pretrained, args.experts, args.out, parse_params(args.param), device=args.device,
+            overwrite=args.overwrite,
         )
     except ValueError as error:  # MergeError, CheckpointError and schema errors: bad input, nothing written
         message = " ".join(str(error).split())
