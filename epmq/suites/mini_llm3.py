@@ -50,6 +50,7 @@ Every hyperparameter lives in ``mini-llm3.yaml``; this module holds none. Seeds 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib
 import importlib.metadata
@@ -69,6 +70,8 @@ import torch.nn.functional as F
 import yaml
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance, sha256_file
+from epmq.suites.expressions import SNIPPET_BUILTINS, check_snippet
+from epmq.suites.expressions import evaluate as evaluate_expression
 from epmq.suites.common import (
     config_digest,
     read_suite_yaml,
@@ -147,15 +150,14 @@ def _draw_values(rng: random.Random, ranges: dict, words: list[str]) -> dict:
     return values
 
 
-_SAFE_BUILTINS = {"print": print, "len": len, "sorted": sorted, "max": max, "min": min, "sum": sum, "range": range,
-                  "str": str, "int": int, "list": list, "abs": abs}
+_SAFE_BUILTINS = {name: getattr(builtins, name) for name in SNIPPET_BUILTINS}
 
 
 def run_snippet(code: str) -> str:
     """What a generated snippet prints (stdout, stripped); only a few builtins are visible."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "<snippet>", "exec"), {"__builtins__": _SAFE_BUILTINS}, {})  # noqa: S102 (our own templates)
+        exec(compile(check_snippet(code), "<snippet>", "exec"), {"__builtins__": _SAFE_BUILTINS}, {})  # noqa: S102 (checked)
     return out.getvalue().strip()
 
 
@@ -176,14 +178,14 @@ def _generate_items(cfg: dict, task: str, total: int) -> list[dict]:
             values["name"] = rng.choice(spec["names"])
             values["obj"] = rng.choice(spec["objects"])
             for key, expression in (template.get("derived") or {}).items():
-                values[key] = eval(expression, {"__builtins__": {}}, dict(values))  # noqa: S307 (YAML of this repo)
-            if "where" in template and not eval(template["where"], {"__builtins__": {}}, dict(values)):  # noqa: S307
+                values[key] = evaluate_expression(expression, values)
+            if "where" in template and not evaluate_expression(template["where"], values):
                 continue
             question = template["text"].format(**values)
-            answer = str(eval(template["answer"], {"__builtins__": {}}, dict(values)))  # noqa: S307
+            answer = str(evaluate_expression(template["answer"], values))
             prompt = spec["prompt"].format(question=question)
         else:  # python_output
-            if "where" in template and not eval(template["where"], {"__builtins__": {}}, dict(values)):  # noqa: S307
+            if "where" in template and not evaluate_expression(template["where"], values):
                 continue
             code = template["code"].format(**values)
             answer = run_snippet(code)
