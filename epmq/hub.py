@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -315,11 +316,15 @@ def read_experts_table(path: str | os.PathLike = EXPERTS_TABLE, suite: str | Non
 
 
 def resource_name(source: str, revision: str = "main") -> str:
-    """Folder name of a fetched model under ``resources/models``: ``owner--name@revision`` (or the folder name)."""
+    """Folder name of a fetched model under ``resources/models``: ``owner--name@revision`` (``/`` in a
+    revision such as ``refs/pr/3`` becomes ``--``), or ``local--NAME-HASH`` for a local folder."""
+    if any(part in ("", ".", "..") for part in str(revision).split("/")) or "\\" in str(revision):
+        raise HubFetchError(f"revision {revision!r} of {source} is not a branch, tag or commit (no '..', no leading '/')")
     if is_local_source(source):
-        folder = Path(str(source).removeprefix("local:")).expanduser()
-        return f"local--{folder.name}"
-    return f"{source.replace('/', '--')}@{revision}"
+        folder = Path(str(source).removeprefix("local:")).expanduser().resolve()
+        # two local folders with the same name must not share a cache folder
+        return f"local--{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    return f"{source.replace('/', '--')}@{revision.replace('/', '--')}"
 
 
 def fetch_suite(table: str | os.PathLike, suite: str, root: str | os.PathLike = "resources/models", **kwargs) -> dict[str, Path]:
