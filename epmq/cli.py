@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:  # bad input: one clear line, no traceback
         logging.getLogger("epmq").debug("stage failed", exc_info=True)
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

@@ -58,8 +58,8 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
     info = quantization_info(quantized_dir)
     if info is None:
         raise ValueError(f"{quantized_dir} has no {QUANTIZATION_FILE}: export reads checkpoints written by `quantize`")
+    model = load_model(quantized_dir)  # validates the checkpoint (epmq.checkpoint_validation) first
     bits, group_size, sym = _grid(info["layers"])
-    model = load_model(quantized_dir)
     if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
         raise ValueError(f"compressed-tensors export serves {EXPORTABLE_MODEL_TYPES}; this is {model.config.model_type!r}")
     checkpoint = LazyCheckpoint(quantized_dir)

@@ -226,9 +226,12 @@ def atomic_write_json(path: str | os.PathLike, payload: object) -> None:
 
 def read_json(path: str | os.PathLike) -> object:
     """A JSON file's content; a file that is not valid JSON is an error naming it."""
+    def refuse(name):
+        raise ValueError(f"{name} is not a JSON value")
+
     try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return json.loads(Path(path).read_text(), parse_constant=refuse)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{path}: not valid JSON ({error})") from error
 
 
