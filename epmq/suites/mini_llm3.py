@@ -313,7 +313,7 @@ def write_data_cache(cfg: dict, out: str | os.PathLike) -> dict:
             for split, docs in items.items():
                 with open(folder / f"{split}.jsonl", "w") as handle:
                     for doc in docs:
-                        handle.write(json.dumps(doc, sort_keys=True) + "\n")
+                        handle.write(json.dumps(doc, sort_keys=True, allow_nan=False) + "\n")
             lengths = [len(tokenizer(d["prompt"] + " " + d["answer"])["input_ids"]) for d in items["test"]]
             manifest["tasks"][task] = {
                 "sizes": {split: len(docs) for split, docs in items.items()},
@@ -417,7 +417,7 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
         config_file = tmp / "config.json"
         saved = json.loads(config_file.read_text())
         if saved.pop("quantization_config", None) is not None:
-            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True, allow_nan=False) + "\n")
         atomic_write_json(tmp / BUILD_FILE, build)
     log.info("pretrained = SmolLM2-135M-Instruct from GGUF (%.1fM parameters) in %.0f s -> %s", n_params / 1e6,
              build["seconds"]["total"], out)
