@@ -222,6 +222,30 @@ def test_out_in_an_unwritable_folder_is_refused(w, capsys):
         locked.chmod(0o700)
 
 
+def test_out_where_the_user_may_not_write_is_refused(w, capsys, monkeypatch):
+    # the permission check itself (the test above needs a non-root user to see a real chmod refuse)
+    import epmq.io
+
+    monkeypatch.setattr(epmq.io.os, "access", lambda path, mode: Path(path) != w / "locked")
+    (w / "locked").mkdir()
+    refused(["quantize", "--model", w / "merged", "--method", "rtn", "--out", w / "locked" / "q"],
+            inputs=[w / "merged"], out=w / "locked" / "q", match=r"no permission to write in .*locked", capsys=capsys)
+
+
+@pytest.mark.parametrize("command", ["fetch", "align"])
+def test_hub_commands_check_their_out(w, capsys, command, monkeypatch):
+    from epmq.hub import main as hub_main
+
+    monkeypatch.chdir(w.parent)
+    before = tree_hashes(w / "base", w / "e0")
+    argv = {"fetch": ["fetch", "--source", str(w / "base"), "--out", str(w)],
+            "align": ["align", "--src", str(w / "e0"), "--like", str(w / "base"), "--out", str(w / "e0")]}[command]
+    assert hub_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("contains the input" in err or "is the input" in err), err
+    assert tree_hashes(w / "base", w / "e0") == before
+
+
 def test_suite_calib_out_that_is_a_folder_is_refused(w, capsys):
     (w / "calib.safetensors").mkdir()
     refused(["suite", "calib", "--suite-config", ROOT / "epmq/suites/mini-clip8-smoke.yaml", "--task", "x",
@@ -645,6 +669,12 @@ def test_duplicate_expert_paths_are_warned(w, capsys, caplog):
                       capsys=capsys)
     assert code == 0
     assert any("--experts lists" in record.getMessage() and "twice" in record.getMessage() for record in caplog.records)
+
+
+def test_duplicate_calibration_files_are_warned(w, capsys, caplog):
+    code, _ = run_cli(*quantize_args(w, calib=("c0.safetensors", "c0.safetensors")), capsys=capsys)
+    assert code == 0
+    assert any("--calib lists" in record.getMessage() for record in caplog.records)
 
 
 def test_every_written_record_is_standard_json(w):
