@@ -616,6 +616,14 @@ ARGUMENT_CASES = {
     "set nan": (["--set", "percdamp=.nan"], r"percdamp: nan is not a finite number"),
     "set unknown key": (["--set", "nonsense=1"], r"invalid configuration"),
     "experts and calibration disagree": (["--method", "epmq", "--experts", "e0"], r"got 1 experts but 2 calibration files"),
+    "bits 0": (["--bits", "0"], r"quantize/bits: 0 is less than the minimum of 2"),
+    "bits 9": (["--bits", "9"], r"quantize/bits: 9 is greater than the maximum of 8"),
+    "group size 0": (["--group-size", "0"], r"group_size must be positive or -1, got 0"),
+    "block size 0": (["--block-size", "0"], r"argument --block-size: expected an integer >= 1"),
+    "task names and files disagree": (["--tasks", "a"], r"got 1 task names for 2 calibration files"),
+    "unknown method": (["--method", "bogus"], r"unknown quantization method 'bogus'"),
+    "hessian dtype float16": (["--hessian-dtype", "float16"], r"argument --hessian-dtype: invalid choice"),
+    "awq grid 0": (["--set", "awq.n_grid=0"], r"quantize/awq/n_grid: 0 is less than the minimum of 1"),
 }
 
 
@@ -652,6 +660,13 @@ def test_bad_merge_arguments_are_one_line_errors(w, capsys, case):
     experts = [] if "--experts" in extra else ["--experts", w / "e0", w / "e1"]
     refused([*MERGE, "--pretrained", w / "base", *experts, *extra, "--out", w / "out"],
             inputs=[w / "base", w / "e0", w / "e1"], out=w / "out", match=match, capsys=capsys)
+
+
+@pytest.mark.parametrize("model,match", [("merged", r"merged has no quantization.json"),
+                                         ("nowhere", r"--model nowhere does not exist")])
+def test_export_of_what_quantize_did_not_write_is_refused(w, capsys, model, match):
+    refused(["export", "--model", model, "--out", w / "ct"], inputs=[w / "merged"], out=w / "ct", match=match,
+            capsys=capsys)
 
 
 def test_exponent_values_without_a_dot_are_numbers(w, capsys):
