@@ -126,13 +126,17 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
     for path in final.parent.iterdir():
         for prefix in _temporary_prefixes(final):
             if path.name.startswith(prefix) and not _process_alive(path.name[len(prefix):].split("-")[0]):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                _remove(path)
                 removed.append(path)
     return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _process_alive(pid_text: str) -> bool:
@@ -188,7 +192,7 @@ def atomic_output_dir(final: str | os.PathLike) -> Iterator[Path]:
                 old = final.with_name(f"{old_prefix}{os.getpid()}")
                 final.rename(old)
                 tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)  # a file too, where --overwrite replaced one
             else:
                 tmp.rename(final)
         except BaseException:

@@ -194,6 +194,14 @@ def test_out_is_a_regular_file(w, capsys):
             inputs=[w / "merged", w / "report.pdf"], out=w / "report.pdf", match="is a file", capsys=capsys)
 
 
+def test_overwrite_replaces_a_file_and_leaves_nothing_beside_it(w, capsys):
+    (w / "report.pdf").write_text("%PDF")
+    before = sorted(os.listdir(w))
+    assert run_cli("quantize", "--model", w / "merged", "--method", "rtn", "--out", w / "report.pdf", "--overwrite",
+                   capsys=capsys)[0] == 0
+    assert (w / "report.pdf" / "quantization.json").is_file() and sorted(os.listdir(w)) == before
+
+
 def test_out_dot_is_refused(w, capsys, monkeypatch):
     work = w / "work"
     work.mkdir()
