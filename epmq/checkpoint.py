@@ -20,13 +20,13 @@ transformers and vLLM load.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from epmq.checkpoint_validation import validate_quantization_info, validate_quantized_state
 from epmq.grid import QuantizedWeight, pack_codes, unpack_codes
 from epmq.io import (
     SAFETENSORS_SINGLE,
@@ -34,6 +34,8 @@ from epmq.io import (
     atomic_output_dir,
     atomic_write_json,
     provenance,
+    read_json,
+    require_local_dir,
 )
 
 QUANTIZATION_FILE = "quantization.json"
@@ -97,7 +99,7 @@ def quantization_info(path: str | Path) -> dict | None:
     file = Path(path) / QUANTIZATION_FILE
     if not file.exists():
         return None
-    info = json.loads(file.read_text())
+    info = validate_quantization_info(read_json(file), file)
     if info.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown quantized format {info.get('format')!r}")
     return info
@@ -136,13 +138,14 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """
     import transformers
 
-    path = Path(path)
+    path = require_local_dir(path, "model")
     config = transformers.AutoConfig.from_pretrained(path)
     cls = model_class(config)
     info = quantization_info(path)
     if info is None:
         return cls.from_pretrained(path, dtype=dtype) if dtype else cls.from_pretrained(path)
     model = cls(config).to(getattr(torch, info.get("dtype", "float32")))
+    validate_quantized_state(LazyCheckpoint(path), info["layers"], model)
     state = dequantized_state(LazyCheckpoint(path), info["layers"])
     expected = model.state_dict()
     state = {key: value.to(expected[key].dtype) if key in expected else value for key, value in state.items()}

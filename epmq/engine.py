@@ -91,7 +91,10 @@ class BlockContext:
                     self.run(block_input)
         finally:
             handle.remove()
-        return torch.cat(chunks)
+        tokens = torch.cat(chunks) if chunks else None
+        if tokens is None or not tokens.shape[0]:
+            raise ValueError(f"no calibration token reaches {self.prefix}.{name} (every mask is zero)")
+        return tokens
 
 
 class _TokenCollector:
@@ -263,6 +266,8 @@ def _expert_weights(task: CalibrationTask, full_names, linears, group) -> dict[s
 
 
 def _quantize_linear(method, full_name, linear: nn.Linear, stats, stats_seconds, result: QuantizationResult):
+    if stats is not None and not stats.tokens:
+        raise ValueError(f"no calibration token reaches {full_name} (every mask is zero): its statistics would be empty")
     start = time.perf_counter()
     layer = method.quantize(full_name, linear.weight.detach().float(), stats)
     new_weight = layer.weight.to(device=linear.weight.device, dtype=linear.weight.dtype)

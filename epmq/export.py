@@ -19,15 +19,18 @@ as an open_clip state dict (``epmq.convert``), for use where the experts came fr
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from epmq.checkpoint import QUANTIZATION_FILE, load_model
-from epmq.io import LazyCheckpoint, atomic_output_dir
+from epmq.checkpoint import QUANTIZATION_FILE, load_model, quantization_info
+from epmq.cli import add_overwrite_argument
+from epmq.io import LazyCheckpoint, atomic_output_dir, check_output, require_local_dir
+
+#: the copy of quantization.json an export carries: its provenance file
+EXPORT_RECORD = "epmq_quantization.json"
 
 #: families whose compressed-tensors checkpoints transformers and vLLM serve
 EXPORTABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -54,10 +57,12 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
         apply_quantization_config,
     )
 
-    quantized_dir, out_dir = Path(quantized_dir), Path(out_dir)
-    info = json.loads((quantized_dir / QUANTIZATION_FILE).read_text())
+    quantized_dir, out_dir = require_local_dir(quantized_dir, "--model"), Path(out_dir)
+    info = quantization_info(quantized_dir)
+    if info is None:
+        raise ValueError(f"{quantized_dir} has no {QUANTIZATION_FILE}: export reads checkpoints written by `quantize`")
+    model = load_model(quantized_dir)  # validates the checkpoint (epmq.checkpoint_validation) first
     bits, group_size, sym = _grid(info["layers"])
-    model = load_model(quantized_dir)
     if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
         raise ValueError(f"compressed-tensors export serves {EXPORTABLE_MODEL_TYPES}; this is {model.config.model_type!r}")
     checkpoint = LazyCheckpoint(quantized_dir)
@@ -98,7 +103,7 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
             for file_name in _TOKENIZER_FILES:
                 if source and (Path(source) / file_name).exists() and not (tmp / file_name).exists():
                     shutil.copy2(Path(source) / file_name, tmp / file_name)
-        shutil.copy2(quantized_dir / QUANTIZATION_FILE, tmp / "epmq_quantization.json")
+        shutil.copy2(quantized_dir / QUANTIZATION_FILE, tmp / EXPORT_RECORD)
     return out_dir
 
 
@@ -109,9 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="open_clip: a CLIP vision tower as an open_clip state dict, dequantized (--out FILE.safetensors or .pt)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="directory whose tokenizer files are copied along")
     parser.add_argument("--out", required=True, type=Path)
+    add_overwrite_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = [args.model] + ([args.tokenizer] if args.tokenizer else [])
+    check_output(args.out, inputs=inputs, records=[EXPORT_RECORD], overwrite=args.overwrite,
+                 is_file=args.format == "open_clip")
     if args.format == "open_clip":
         from epmq.convert import hf_checkpoint_to_open_clip
 

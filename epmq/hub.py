@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ from epmq.io import (
     LazyCheckpoint,
     atomic_output_dir,
     atomic_write_json,
+    check_output,
     provenance,
     sha256_file,
 )
@@ -315,11 +317,15 @@ def read_experts_table(path: str | os.PathLike = EXPERTS_TABLE, suite: str | Non
 
 
 def resource_name(source: str, revision: str = "main") -> str:
-    """Folder name of a fetched model under ``resources/models``: ``owner--name@revision`` (or the folder name)."""
+    """Folder name of a fetched model under ``resources/models``: ``owner--name@revision`` (``/`` in a
+    revision such as ``refs/pr/3`` becomes ``--``), or ``local--NAME-HASH`` for a local folder."""
+    if any(part in ("", ".", "..") for part in str(revision).split("/")) or "\\" in str(revision):
+        raise HubFetchError(f"revision {revision!r} of {source} is not a branch, tag or commit (no '..', no leading '/')")
     if is_local_source(source):
-        folder = Path(str(source).removeprefix("local:")).expanduser()
-        return f"local--{folder.name}"
-    return f"{source.replace('/', '--')}@{revision}"
+        folder = Path(str(source).removeprefix("local:")).expanduser().resolve()
+        # two local folders with the same name must not share a cache folder
+        return f"local--{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:8]}"
+    return f"{source.replace('/', '--')}@{revision.replace('/', '--')}"
 
 
 def fetch_suite(table: str | os.PathLike, suite: str, root: str | os.PathLike = "resources/models", **kwargs) -> dict[str, Path]:
@@ -449,6 +455,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     one.add_argument("--source", required=True, help="hub id owner/name or local folder")
     one.add_argument("--revision", default="main")
     one.add_argument("--out", required=True, type=Path)
+    one.add_argument("--overwrite", action="store_true", help="replace a non-empty --out this command did not write")
     one.add_argument("--label", default=None, help="what the model is, for error messages")
     one.add_argument("--allow", nargs="+", default=list(DEFAULT_ALLOW), help="file patterns to take")
     suite = commands.add_parser("fetch-suite", help="fetch every model of one suite of the experts table")
@@ -458,16 +465,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     split = commands.add_parser("clip-split", help="CLIPModel folder -> vision/ (CLIPVisionModel) + zeroshot/")
     split.add_argument("--clip", required=True, type=Path)
     split.add_argument("--out", required=True, type=Path)
+    split.add_argument("--overwrite", action="store_true", help="replace a non-empty --out this command did not write")
     split.add_argument("--like", type=Path, default=None, help="an expert checkpoint whose key convention to follow")
     split.add_argument("--prefix", default=None, help="key prefix of the vision tower ('none' for no prefix)")
     align = commands.add_parser("align", help="rewrite a checkpoint with another's tensor names")
     align.add_argument("--src", required=True, type=Path)
     align.add_argument("--like", required=True, type=Path)
     align.add_argument("--out", required=True, type=Path)
+    align.add_argument("--overwrite", action="store_true", help="replace a non-empty --out this command did not write")
+
+
+#: per command: the provenance file a previous output of it holds, and the inputs its --out must spare
+_OUTPUTS = {
+    "fetch": (FETCH_RECORD, lambda a: [a.source.removeprefix("local:")] if is_local_source(a.source) else []),
+    "clip-split": ("vision/clip_split.json", lambda a: [a.clip] + ([a.like] if a.like else [])),
+    "align": ("align.json", lambda a: [a.src, a.like]),
+}
 
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.hub_command in _OUTPUTS:
+            record, inputs = _OUTPUTS[args.hub_command]
+            check_output(args.out, inputs=inputs(args), records=[record], overwrite=args.overwrite)
         if args.hub_command == "fetch":
             fetch(args.source, args.revision, args.out, tuple(args.allow), label=args.label)
         elif args.hub_command == "fetch-suite":

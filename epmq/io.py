@@ -11,12 +11,15 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,42 +33,210 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated or inconsistent; the message names the file and tensor."""
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written safely; the message names the path and the reason."""
+
+
+def check_output(
+    out: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    records: Iterable[str] = (),
+    overwrite: bool = False,
+    is_file: bool = False,
+) -> Path:
+    """Refuse an output path that would lose data or cannot be written; return it.
+
+    Refused: the current directory or one above it (``--out .``); a path equal to an input, above
+    one (replacing it would delete the input) or inside one (the input would change); a place
+    under a regular file or in a folder this user cannot write to; and an existing non-empty
+    directory that is not a previous output of the same stage, recognised by one of its own
+    provenance files ``records``, unless ``overwrite`` (``is_file``: the output is one file, and an
+    existing directory there is refused). Every stage calls this before any work.
+    """
+    out = Path(out)
+    target = out.resolve()
+    if not out.name or target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        raise OutputError(f"--out {out}: the output would replace the current directory or one above it")
+    for item in inputs:
+        source = Path(item).resolve()
+        if target == source:
+            raise OutputError(f"--out {out} is the input {item}")
+        if target in source.parents:
+            raise OutputError(f"--out {out} contains the input {item}: replacing it would delete the input")
+        if source in target.parents:
+            raise OutputError(f"--out {out} is inside the input {item}: the input would change")
+    existing = next(parent for parent in [target, *target.parents] if parent.exists() or parent == parent.parent)
+    if existing != target:
+        if not existing.is_dir():
+            raise OutputError(f"--out {out}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"--out {out}: no permission to write in {existing}")
+    elif not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: no permission to write in {target.parent}")
+    elif is_file and target.is_dir():
+        raise OutputError(f"--out {out} is a directory; this stage writes a file")
+    elif not is_file and not target.is_dir() and not overwrite:
+        raise OutputError(f"--out {out} is a file; this stage writes a directory (pass --overwrite to replace it)")
+    elif not is_file and not overwrite and any(target.iterdir()):
+        records = list(records)
+        if not any((target / name).is_file() for name in records):
+            own = f" (a previous output would hold {' or '.join(records)})" if records else ""
+            raise OutputError(
+                f"--out {out} is a non-empty directory that this stage did not write{own}; "
+                "pass --overwrite to replace it"
+            )
+    return out
+
+
+def require_local_dir(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as an existing local directory; a missing one is an error, never read as a hub id."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"{flag} {path} {what} (stages read local checkpoint folders only; "
+                              "fetch hub models first with `python -m epmq.hub fetch --source owner/name`)")
+    return path
+
+
+def warn_duplicates(paths: Iterable[str | os.PathLike], flag: str) -> list[Path]:
+    """Log a warning for every path given twice (the same folder counted as two inputs); return them."""
+    seen: dict[Path, str] = {}
+    duplicates = []
+    for item in paths:
+        key = Path(item).resolve()
+        if key in seen:
+            logging.getLogger("epmq").warning("%s lists %s twice (as %s and %s)", flag, key, seen[key], item)
+            duplicates.append(key)
+        seen.setdefault(key, str(item))
+    return duplicates
+
+
+def _temporary_prefixes(final: Path) -> tuple[str, str]:
+    return f".{final.name}.tmp-", f".{final.name}.old-"
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted writes of ``final`` left beside it (``.NAME.tmp-PID-*``, ``.NAME.old-PID``)
+    when the process that made it is gone; return what was removed."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    removed = []
+    for path in final.parent.iterdir():
+        for prefix in _temporary_prefixes(final):
+            if path.name.startswith(prefix) and not _process_alive(path.name[len(prefix):].split("-")[0]):
+                _remove(path)
+                removed.append(path)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _process_alive(pid_text: str) -> bool:
+    if not pid_text.isdigit():
+        return False  # not written by this version: no owner to wait for
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # an earlier write of this process that failed half-way
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (Snakemake, Slurm and ``kill`` stop jobs with it) into SystemExit while a
+    temporary exists, so the cleanup below runs instead of the process dying on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``final`` only if the block succeeds."""
+    """Yield a fresh temporary directory that replaces ``final`` only if the block succeeds.
+
+    Temporaries of ``final`` left by interrupted runs are removed first; SIGTERM removes this one.
+    """
     final = Path(final)
+    if not final.name:
+        raise OutputError(f"output path {final} names no directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    remove_stale_temporaries(final)
+    tmp_prefix, old_prefix = _temporary_prefixes(final)
+    with _terminate_as_exit():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{tmp_prefix}{os.getpid()}-", dir=final.parent))
+        try:
+            yield tmp
+            if final.exists():
+                old = final.with_name(f"{old_prefix}{os.getpid()}")
+                final.rename(old)
+                tmp.rename(final)
+                _remove(old)  # a file too, where --overwrite replaced one
+            else:
+                tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path)
+    with _terminate_as_exit():
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temporary_prefixes(path)[0]}{os.getpid()}-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def strict_json(payload: object, where: str | os.PathLike) -> str:
+    """``payload`` as standard JSON; NaN and Infinity (not JSON) are refused, naming ``where``."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        return json.dumps(payload, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+    except ValueError as error:
+        raise ValueError(f"{where}: refusing to write NaN/Infinity into JSON ({error})") from error
 
 
 def atomic_write_json(path: str | os.PathLike, payload: object) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, strict_json(payload, path))
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """A JSON file's content; a file that is not valid JSON is an error naming it."""
+    def refuse(name):
+        raise ValueError(f"{name} is not a JSON value")
+
+    try:
+        return json.loads(Path(path).read_text(), parse_constant=refuse)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -83,8 +254,15 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     index = directory / SAFETENSORS_INDEX
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        shards = sorted(set(map(str, weight_map.values())))
         files = [directory / shard for shard in shards]
+        outside = [shard for shard, file in zip(shards, files) if file.resolve().parent != directory.resolve()]
+        if outside:
+            raise CheckpointError(f"{index} names shards outside its folder: {outside[:3]}")
     elif (directory / SAFETENSORS_SINGLE).exists():
         files = [directory / SAFETENSORS_SINGLE]
     else:

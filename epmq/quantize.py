@@ -14,14 +14,15 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
+from torch import nn
 
-from epmq.checkpoint import load_model, save_quantized
-from epmq.config import method_params
+from epmq.checkpoint import QUANTIZATION_FILE, load_model, save_quantized
+from epmq.cli import add_overwrite_argument, finite_float, positive_int, torch_device
+from epmq.config import method_params, parse_assignment
 from epmq.convert import hf_inputs
 from epmq.engine import CalibrationTask, quantize_model
-from epmq.io import LazyCheckpoint, sha256_file
+from epmq.io import LazyCheckpoint, check_output, require_local_dir, sha256_file, warn_duplicates
 from epmq.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory of the (merged) model, or an open_clip state dict (converted on the fly)")
     parser.add_argument("--method", required=True, help="rtn | gptq | awq | epmq | epmq_fp")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    add_overwrite_argument(parser)
     parser.add_argument("--experts", nargs="*", type=Path, default=[],
                         help="expert checkpoints, one per task (HF, or open_clip: converted on the fly)")
     parser.add_argument("--calib", nargs="*", type=Path, default=[], help="calibration files, one per task")
@@ -40,15 +42,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-size", type=int)
     parser.add_argument("--sym", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--block-size", type=int)
-    parser.add_argument("--percdamp", type=float)
-    parser.add_argument("--alpha", type=float, help="E-PMQ anchor strength")
+    parser.add_argument("--block-size", type=positive_int)
+    parser.add_argument("--percdamp", type=finite_float)
+    parser.add_argument("--alpha", type=finite_float, help="E-PMQ anchor strength")
     parser.add_argument("--hessian-dtype", choices=["float32", "float64"])
-    parser.add_argument("--batch-size", type=int, help="calibration samples per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, help="calibration samples per forward pass")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other quantize parameter of the schema, VALUE in YAML (e.g. static_groups=true, awq.clip=false)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+#: calibration inputs that hold token ids or token masks (integers; masks count tokens)
+_TOKEN_KEYS = ("input_ids", "decoder_input_ids", "labels")
+_MASK_KEYS = ("attention_mask", "decoder_attention_mask")
+
+
+def read_calibration_file(file: Path) -> dict[str, torch.Tensor]:
+    """One calibration file's tensors, checked for what needs no model: readable, at least one
+    sample, one sample count, integer token ids and masks, finite values, masks that count tokens.
+    Every refusal names the file and the tensor."""
+    if not file.is_file():
+        raise FileNotFoundError(f"calibration file not found: {file}")
+    try:
+        tensors = load_file(str(file))
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{file}: cannot read calibration file ({error}); truncated or not a safetensors file?") from error
+    inputs = {key: value for key, value in tensors.items() if key != "sample_indices"}
+    if not inputs:
+        raise ValueError(f"{file}: no model inputs")
+    for key, value in inputs.items():
+        if value.ndim == 0:
+            raise ValueError(f"{file}: tensor {key!r} is a scalar; samples go along the first axis")
+    sizes = {key: value.shape[0] for key, value in inputs.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{file}: inputs disagree on the number of samples: {sizes}")
+    if not next(iter(sizes.values())):
+        raise ValueError(f"{file}: 0 calibration samples")
+    for key, value in inputs.items():
+        if key in _TOKEN_KEYS + _MASK_KEYS and (value.is_floating_point() or value.is_complex()):
+            raise ValueError(f"{file}: tensor {key!r} must hold integers (token ids or a mask), found {value.dtype}")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{file}: tensor {key!r} contains NaN or Inf")
+    for key in _MASK_KEYS:
+        if key in inputs and not inputs[key].any():
+            raise ValueError(f"{file}: {key} is all zero, so no token of this task would be counted")
+    return tensors
+
+
+def check_calibration_fits(model: nn.Module, tasks: list[CalibrationTask], files: list[Path]) -> None:
+    """Refuse calibration inputs the model cannot read: its main input missing, token ids outside
+    its vocabulary, images of the wrong rank or channel count. Names the file and the tensor."""
+    config = model.config
+    main_input = getattr(model, "main_input_name", "input_ids")
+    vocab = getattr(config, "vocab_size", None)
+    for task, file in zip(tasks, files):
+        batch = task.batches[0]
+        if main_input not in batch and not (main_input == "input_ids" and "inputs_embeds" in batch):
+            raise ValueError(f"{file}: no {main_input!r} tensor; {type(model).__name__} reads {main_input} "
+                             f"(the file has {sorted(batch)})")
+        for key in _TOKEN_KEYS:
+            if key not in batch or not vocab:
+                continue
+            ids = torch.cat([b[key] for b in task.batches])
+            low, high = int(ids.min()), int(ids.max())
+            allowed_low = -100 if key == "labels" else 0  # -100: positions the loss ignores
+            if low < allowed_low or high >= vocab:
+                raise ValueError(f"{file}: tensor {key!r} has ids in [{low}, {high}], outside the vocabulary [0, {vocab})")
+        if "pixel_values" in batch:
+            shape = tuple(batch["pixel_values"].shape)
+            channels = getattr(config, "num_channels", None)
+            if len(shape) != 4 or (channels and shape[1] != channels):
+                raise ValueError(f"{file}: tensor 'pixel_values' has shape {shape}; expected "
+                                 f"(samples, {channels or 'channels'}, height, width)")
 
 
 def load_calibration(files: list[Path], names: list[str], experts: list[Path], batch_size: int) -> list[CalibrationTask]:
@@ -58,14 +124,9 @@ def load_calibration(files: list[Path], names: list[str], experts: list[Path], b
         raise ValueError(f"got {len(names)} task names for {len(files)} calibration files")
     tasks = []
     for position, (name, file) in enumerate(zip(names, files)):
-        tensors = load_file(str(file))
+        tensors = read_calibration_file(file)
         indices = tensors.pop("sample_indices", None)
-        if not tensors:
-            raise ValueError(f"{file}: no model inputs")
-        sizes = {key: value.shape[0] for key, value in tensors.items()}
-        if len(set(sizes.values())) != 1:
-            raise ValueError(f"{file}: inputs disagree on the number of samples: {sizes}")
-        n = next(iter(sizes.values()))
+        n = next(iter(tensors.values())).shape[0]
         batches = [{key: value[i : i + batch_size] for key, value in tensors.items()} for i in range(0, n, batch_size)]
         expert = LazyCheckpoint(experts[position]) if experts else None
         tasks.append(CalibrationTask(name, batches, expert, None if indices is None else indices.tolist()))
@@ -73,6 +134,12 @@ def load_calibration(files: list[Path], names: list[str], experts: list[Path], b
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.model.is_file():  # a file can only be an open_clip state dict, converted below
+        require_local_dir(args.model, "--model")
+    check_output(args.out, inputs=[args.model, *args.experts, *args.calib], records=[QUANTIZATION_FILE],
+                 overwrite=args.overwrite)
+    warn_duplicates(args.experts, "--experts")
+    warn_duplicates(args.calib, "--calib")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {
@@ -85,14 +152,12 @@ def run(args: argparse.Namespace) -> int:
         if value is not None
     }
     for item in args.set:
-        key, _, value = item.partition("=")
-        if not value:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = parse_assignment(item, "--set")
         section, _, leaf = key.partition(".")
         if leaf:
-            overrides.setdefault(section, {})[leaf] = yaml.safe_load(value)
+            overrides.setdefault(section, {})[leaf] = value
         else:
-            overrides[key] = yaml.safe_load(value)
+            overrides[key] = value
     params = method_params("quantize", **overrides)
     method = get_method(args.method, params)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +173,7 @@ def _quantize(args: argparse.Namespace, method, params: dict, model_dir: Path, e
     names = args.tasks or [file.stem for file in args.calib]
     tasks = load_calibration(args.calib, names, experts, params["batch_size"]) if method.needs_calibration else []
     model = load_model(model_dir).to(args.device)
+    check_calibration_fits(model, tasks, args.calib)
     result = quantize_model(model, method, tasks)
     metadata = {
         "method": method.name,

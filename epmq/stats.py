@@ -21,6 +21,7 @@ as its Hessian is complete (:class:`EpmqAccumulator`), so memory holds two Hessi
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +114,10 @@ def epmq_problem(
         target, factor = solve_right(rhs, hessian)
     anchor_energy = (lam + fallback) * float((merged**2).sum())
     constant = expert_energy + anchor_energy - float(((target @ hessian) * target).sum())
+    # The solver works in float32 downstream: an anchor this strong leaves nothing representable.
+    if not (math.isfinite(constant) and lam * torch.finfo(torch.float32).eps < torch.finfo(torch.float32).max
+            and torch.isfinite(target).all()):
+        raise ValueError(f"alpha={alpha:g} gives lam = alpha * mean(diag H_q) = {lam:g}: the E-PMQ system overflows")
     return EpmqProblem(target, hessian, lam, fallback, constant, factor)
 
 

@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         result = dict(results[task])
         if not math.isfinite(result["accuracy"]):
             raise FloatingPointError(f"{task}: the score is not finite ({result['accuracy']})")
+        if isinstance(result.get("stderr"), float) and not math.isfinite(result["stderr"]):
+            result["stderr"] = None  # JSON has no NaN: a standard error lm-eval could not give is null
         result.setdefault("model", str(args.model))
         result.setdefault("provenance", record)
         atomic_write_json(args.out_dir / f"{task}.json", result)

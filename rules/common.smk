@@ -18,7 +18,7 @@ import shlex
 
 from epmq.config import methods_schema
 from epmq.suites.registry import eval_tasks as suite_eval_tasks
-from epmq.suites.registry import load_suite, packaged_config
+from epmq.suites.registry import config_files, load_suite, packaged_config
 from snakemake.exceptions import WorkflowError
 
 ALPHA_METHODS = ("epmq", "epmq_fp")
@@ -36,9 +36,13 @@ def one_of(names):
     return "(" + "|".join(map(re.escape, names)) + ")" if names else "(?!)"
 
 
+# suite and task names: letters, digits, _ . - and never a leading dot (no `..`, no hidden folders)
+NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+
+
 wildcard_constraints:
-    suite=r"[A-Za-z0-9_.-]+",
-    task=r"[A-Za-z0-9_.-]+",
+    suite=NAME,
+    task=NAME,
     merge=r"[a-z_]+",
     method=r"(rtn|gptq|awq|(epmq|epmq_fp)-a[0-9.e+-]+)",
     bits=r"\d+",
@@ -62,8 +66,19 @@ _SUITES = {}
 
 def _suite(suite):
     if suite not in _SUITES:
-        _SUITES[suite] = load_suite(suite_config_path(suite))
+        path = suite_config_path(suite)
+        suite_module, cfg = load_suite(path)
+        bad = [name for name in [*cfg["tasks"], *suite_eval_tasks(suite_module, cfg)] if not re.fullmatch(NAME, str(name))]
+        if bad:
+            raise WorkflowError(f"{path}: task names {bad} are not plain names (letters, digits, _ . -, no leading dot)")
+        _SUITES[suite] = suite_module, cfg
     return _SUITES[suite]
+
+
+def suite_config_files(wildcards):
+    """The suite's YAML, the YAMLs it inherits and the experts table it names: inputs of every job
+    that reads them, so editing one reruns those jobs."""
+    return [str(path) for path in config_files(suite_config_path(wildcards.suite))]
 
 
 def tasks(suite):
@@ -173,7 +188,7 @@ def expert_dirs(wildcards):
 
 def merge_param_flags(wildcards):
     params = suite_settings(wildcards.suite)["merge_params"].get(wildcards.merge, {})
-    return " ".join(f"--param {key}={shlex.quote(json.dumps(value))}" for key, value in params.items())
+    return " ".join(f"--param {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in params.items())
 
 
 def quantize_flags(wildcards):
@@ -184,7 +199,7 @@ def quantize_flags(wildcards):
     overrides = suite_settings(wildcards.suite)["quantize_params"]
     # a method's own section (awq.*) reaches that method only, so it reruns no other job
     flags += [
-        f"--set {key}={shlex.quote(json.dumps(value))}"
+        f"--set {shlex.quote(f'{key}={json.dumps(value)}')}"
         for key, value in overrides.items()
         if key.split(".")[0] not in METHOD_SECTIONS or key.split(".")[0] == method
     ]
@@ -197,6 +212,7 @@ def quantize_experts(wildcards):
 
 
 def evaluation_tasks(wildcards):
+    """The tasks one model is evaluated on (a list: the shell command quotes each with ``:q``)."""
     if wildcards.model.startswith("experts/"):
-        return wildcards.model.split("/", 1)[1]
-    return " ".join(eval_tasks(wildcards.suite))
+        return [wildcards.model.split("/", 1)[1]]
+    return eval_tasks(wildcards.suite)

@@ -5,6 +5,7 @@
 
 rule evaluate:
     input:
+        suite_config=suite_config_files,
         model="results/{suite}/{model}",
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
@@ -26,6 +27,6 @@ rule evaluate:
     benchmark:
         "benchmarks/{suite}/evaluate/{model}.tsv"
     shell:
-        "python -m epmq evaluate --suite-config {params.suite_config} --suite-dir results/{wildcards.suite}"
-        " --model {input.model} --data {input.data} --threads {threads} --tasks {params.tasks}"
-        " --out-dir {output} > {log} 2>&1"
+        "python -m epmq evaluate --suite-config {params.suite_config:q} --suite-dir results/{wildcards.suite:q}"
+        " --model {input.model:q} --data {input.data:q} --threads {threads} --tasks {params.tasks:q}"
+        " --out-dir {output:q} > {log:q} 2>&1"

@@ -13,6 +13,8 @@ localrules:
 rule hub_data:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
+    input:
+        suite_config=suite_config_files,
     output:
         directory("results/{suite}/data"),
     params:
@@ -24,12 +26,14 @@ rule hub_data:
     benchmark:
         "benchmarks/{suite}/hub_data.tsv"
     shell:
-        "python -m epmq suite data --suite-config {params.suite_config} --out {output} > {log} 2>&1"
+        "python -m epmq suite data --suite-config {params.suite_config:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule hub_pretrained:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
+    input:
+        suite_config=suite_config_files,
     output:
         directory("results/{suite}/pretrained"),
     params:
@@ -41,13 +45,14 @@ rule hub_pretrained:
     benchmark:
         "benchmarks/{suite}/hub_pretrained.tsv"
     shell:
-        "python -m epmq suite pretrain --suite-config {params.suite_config} --out {output} > {log} 2>&1"
+        "python -m epmq suite pretrain --suite-config {params.suite_config:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule hub_expert:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
     input:
+        suite_config=suite_config_files,
         pretrained="results/{suite}/pretrained",
     output:
         directory("results/{suite}/experts/{task}"),
@@ -60,5 +65,5 @@ rule hub_expert:
     benchmark:
         "benchmarks/{suite}/hub_expert/{task}.tsv"
     shell:
-        "python -m epmq suite finetune --suite-config {params.suite_config} --pretrained {input.pretrained}"
-        " --task {wildcards.task} --out {output} > {log} 2>&1"
+        "python -m epmq suite finetune --suite-config {params.suite_config:q} --pretrained {input.pretrained:q}"
+        " --task {wildcards.task:q} --out {output:q} > {log:q} 2>&1"

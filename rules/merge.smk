@@ -20,5 +20,5 @@ rule merge:
     benchmark:
         "benchmarks/{suite}/merge/{merge}.tsv"
     shell:
-        "OMP_NUM_THREADS={threads} python -m epmq merge --method {wildcards.merge} --pretrained {input.pretrained}"
-        " --experts {input.experts} {params.extra} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} python -m epmq merge --method {wildcards.merge:q} --pretrained {input.pretrained:q}"
+        " --experts {input.experts:q} {params.extra} --out {output:q} > {log:q} 2>&1"

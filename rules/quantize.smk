@@ -10,7 +10,7 @@ rule quantize:
         directory("results/{suite}/quant/{merge}/{method}/w{bits}g{group}n{samples}"),
     params:
         flags=quantize_flags,
-        tasks=lambda w, input: " ".join(tasks(w.suite)) if input.calib else "",
+        tasks=lambda w, input: tasks(w.suite) if input.calib else [],
     threads: config["threads"]
     resources:
         mem_mb=8000,
@@ -23,5 +23,5 @@ rule quantize:
     benchmark:
         "benchmarks/{suite}/quantize/{merge}/{method}/w{bits}g{group}n{samples}.tsv"
     shell:
-        "python -m epmq quantize --model {input.model} {params.flags} --threads {threads}"
-        " --experts {input.experts} --calib {input.calib} --tasks {params.tasks} --out {output} > {log} 2>&1"
+        "python -m epmq quantize --model {input.model:q} {params.flags} --threads {threads}"
+        " --experts {input.experts:q} --calib {input.calib:q} --tasks {params.tasks:q} --out {output:q} > {log:q} 2>&1"

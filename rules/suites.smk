@@ -7,6 +7,8 @@
 rule suite_data:
     wildcard_constraints:
         suite=one_of(OFFLINE_SUITES),
+    input:
+        suite_config=suite_config_files,
     output:
         directory("results/{suite}/data"),
     params:
@@ -18,13 +20,14 @@ rule suite_data:
     benchmark:
         "benchmarks/{suite}/suite_data.tsv"
     shell:
-        "python -m epmq suite data --suite-config {params.suite_config} --out {output} > {log} 2>&1"
+        "python -m epmq suite data --suite-config {params.suite_config:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule suite_pretrain:
     wildcard_constraints:
         suite=one_of(OFFLINE_SUITES),
     input:
+        suite_config=suite_config_files,
         data="results/{suite}/data",
     output:
         directory("results/{suite}/pretrained"),
@@ -41,13 +44,14 @@ rule suite_pretrain:
     benchmark:
         "benchmarks/{suite}/suite_pretrain.tsv"
     shell:
-        "python -m epmq suite pretrain --suite-config {params.suite_config} --data {input.data} --out {output} > {log} 2>&1"
+        "python -m epmq suite pretrain --suite-config {params.suite_config:q} --data {input.data:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule suite_finetune:
     wildcard_constraints:
         suite=one_of(OFFLINE_SUITES),
     input:
+        suite_config=suite_config_files,
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
     output:
@@ -65,12 +69,13 @@ rule suite_finetune:
     benchmark:
         "benchmarks/{suite}/suite_finetune/{task}.tsv"
     shell:
-        "python -m epmq suite finetune --suite-config {params.suite_config} --data {input.data}"
-        " --pretrained {input.pretrained} --task {wildcards.task} --threads {threads} --out {output} > {log} 2>&1"
+        "python -m epmq suite finetune --suite-config {params.suite_config:q} --data {input.data:q}"
+        " --pretrained {input.pretrained:q} --task {wildcards.task:q} --threads {threads} --out {output:q} > {log:q} 2>&1"
 
 
 rule suite_calib:
     input:
+        suite_config=suite_config_files,
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
     output:
@@ -84,6 +89,6 @@ rule suite_calib:
     benchmark:
         "benchmarks/{suite}/suite_calib/n{samples}-s{seed}/{task}.tsv"
     shell:
-        "python -m epmq suite calib --suite-config {params.suite_config} --data {input.data} --task {wildcards.task}"
-        " --suite-dir results/{wildcards.suite}"
-        " --samples {wildcards.samples} --seed {wildcards.seed} --out {output} > {log} 2>&1"
+        "python -m epmq suite calib --suite-config {params.suite_config:q} --data {input.data:q} --task {wildcards.task:q}"
+        " --suite-dir results/{wildcards.suite:q}"
+        " --samples {wildcards.samples:q} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"

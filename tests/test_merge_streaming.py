@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from epmq.cli import main as cli_main
-from epmq.io import CheckpointError, sha256_file
+from epmq.io import CheckpointError, OutputError, sha256_file
 from epmq.merge import MERGE_RECORD, MERGERS, MergeError, merge_checkpoints
 
 # A tiny CLIP-like vision tower: block weights in both WUDI forms (d_in < d_out and d_out < d_in),
@@ -243,7 +243,7 @@ def test_missing_truncated_and_absent_inputs_are_refused(checkpoints, tmp_path):
             (broken / path.name).write_bytes(path.read_bytes())
     with pytest.raises(CheckpointError, match="missing shard model-00002-of-00002.safetensors"):
         merge_checkpoints("ties", broken, expert_dirs, out)
-    with pytest.raises(MergeError, match="output directory .* is one of the inputs"):
+    with pytest.raises(OutputError, match="is the input"):
         merge_checkpoints("ties", pretrained_dir, expert_dirs, expert_dirs[0])
     with pytest.raises(ValueError, match="invalid configuration"):
         merge_checkpoints("ties", pretrained_dir, expert_dirs, out, {"top_k": 0})
@@ -257,7 +257,7 @@ def test_failed_merge_leaves_an_existing_output_untouched(checkpoints, tmp_path)
     (out / "previous").write_text("kept")
     bad = write_expert(tmp_path, pretrained, put(Q, torch.full((8, 8), float("nan"))))
     with pytest.raises(MergeError):
-        merge_checkpoints("task_arithmetic", pretrained_dir, [bad], out)
+        merge_checkpoints("task_arithmetic", pretrained_dir, [bad], out, overwrite=True)
     assert [path.name for path in out.iterdir()] == ["previous"]
 
 

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
+from epmq.cli import add_overwrite_argument, torch_device
+from epmq.config import parse_assignment
 from epmq.convert import hf_inputs
+from epmq.io import check_output
 from epmq.merge.registry import MERGERS, MergeError
-from epmq.merge.streaming import merge_checkpoints
+from epmq.merge.streaming import MERGE_RECORD, merge_checkpoints
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,37 +27,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="operator parameter (value parsed as YAML, e.g. scaling=0.3); defaults come from the schema",
+        help="operator parameter (value parsed as YAML, e.g. scaling=0.3, lr=1e-5); defaults come from the schema",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (written atomically)")
+    add_overwrite_argument(parser)
     parser.add_argument(
         "--device",
+        type=torch_device,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="where WUDI optimises (default: cuda if available, else cpu); other operators run on cpu",
     )
 
 
 def parse_params(pairs: list[str]) -> dict:
-    params = {}
-    for pair in pairs:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--param expects KEY=VALUE, got {pair!r}")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
+    return dict(parse_assignment(pair, "--param") for pair in pairs)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         sources, out = [Path(args.pretrained), *map(Path, args.experts)], Path(args.out)
-        if out.resolve() in {path.resolve() for path in sources}:
-            raise MergeError(f"the output directory {out} is one of the inputs")
+        # checked on the user's own paths, before open_clip inputs are converted beside the output
+        check_output(out, inputs=sources, records=[MERGE_RECORD], overwrite=args.overwrite)
         out.parent.mkdir(parents=True, exist_ok=True)
         # open_clip inputs become temporary HF folders beside the output, named like the pretrained model
         with hf_inputs(sources, workdir=out.parent) as (paths, conversions):
             merge_checkpoints(
                 args.method, paths[0], paths[1:], out, parse_params(args.param), device=args.device,
                 record={"open_clip_conversions": conversions} if conversions else None,
+                overwrite=args.overwrite,
             )
     except ValueError as error:  # MergeError, CheckpointError and schema errors: bad input, nothing written
         message = " ".join(str(error).split())

@@ -30,9 +30,11 @@ from epmq.io import (
     LazyCheckpoint,
     atomic_output_dir,
     atomic_write_json,
+    check_output,
     provenance,
     safetensors_files,
     sha256_file,
+    warn_duplicates,
 )
 from epmq.merge.radix_select import kth_smallest_streamed
 from epmq.merge.registry import (
@@ -98,6 +100,7 @@ def merge_checkpoints(
     *,
     device: torch.device | str | None = None,
     record: Mapping | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Merge the expert checkpoints into ``out`` with operator ``method``, streaming; return ``out``.
 
@@ -106,14 +109,16 @@ def merge_checkpoints(
     validated and completed from the schema; ``device`` is where WUDI optimises (default CPU).
     ``record`` adds entries to ``merge.json`` (e.g. how inputs were converted from open_clip).
     Raises :class:`MergeError` (or :class:`epmq.io.CheckpointError`, both ``ValueError``) on bad
-    input or a non-finite result, leaving nothing at ``out``.
+    input or a non-finite result, leaving nothing at ``out``. ``out`` is checked first
+    (:func:`epmq.io.check_output`): never an input, above one or inside one; an existing non-empty
+    directory only if it holds a previous merge's ``merge.json``, or with ``overwrite``.
     """
     if method not in MERGERS:
         raise MergeError(f"unknown merge method {method!r} (known: {', '.join(MERGERS)})")
     params = method_params("merge", method, **dict(params or {}))
     pretrained, experts, out = Path(pretrained), [Path(path) for path in experts], Path(out)
-    if out.resolve() in {path.resolve() for path in [pretrained, *experts]}:
-        raise MergeError(f"the output directory {out} is one of the inputs")
+    check_output(out, inputs=[pretrained, *experts], records=[MERGE_RECORD], overwrite=overwrite)
+    warn_duplicates(experts, "--experts")
     shards = safetensors_files(pretrained)
     inputs = CheckpointInputs(pretrained, experts)
     log.info("merging %d experts with %s %s", len(experts), method, params)

@@ -16,7 +16,12 @@ import argparse
 
 import torch
 
+from epmq.cli import add_overwrite_argument, positive_int
+from epmq.io import check_output
 from epmq.suites.registry import call_with_supported, load_suite, packaged_config
+
+#: provenance files the suite stages write into their output folders (a previous output holds one)
+STAGE_RECORDS = ("build.json", "manifest.json", "fetch.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     def common(sub: argparse.ArgumentParser, data: bool = True) -> None:
         sub.add_argument("--suite-config", default=None, help="suite YAML (default: the packaged mini-clip8.yaml)")
-        sub.add_argument("--threads", type=int, default=None, help="torch threads (default: the suite's choice)")
+        sub.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the suite's choice)")
+        add_overwrite_argument(sub)
         if data:
             sub.add_argument("--data", default=None, help="directory written by `suite data`")
 
@@ -42,13 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = commands.add_parser("calib", help="a task's calibration inputs, drawn from training data only")
     common(sub)
     sub.add_argument("--task", required=True)
-    sub.add_argument("--samples", type=int, required=True)
+    sub.add_argument("--samples", type=positive_int, required=True)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--suite-dir", default=None, help="results/{suite} (tokenizers and processors live there)")
     sub.add_argument("--out", required=True, help="output .safetensors (model inputs + sample_indices)")
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = [path for path in (args.suite_config, getattr(args, "data", None), getattr(args, "pretrained", None)) if path]
+    check_output(args.out, inputs=inputs, records=STAGE_RECORDS, overwrite=args.overwrite,
+                 is_file=args.suite_command == "calib")
     module, cfg = load_suite(args.suite_config or packaged_config("mini-clip8"))
     if args.threads:
         cfg["threads"] = args.threads

@@ -50,6 +50,7 @@ Every hyperparameter lives in ``mini-llm3.yaml``; this module holds none. Seeds 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import importlib
 import importlib.metadata
@@ -69,6 +70,8 @@ import torch.nn.functional as F
 import yaml
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance, sha256_file
+from epmq.suites.expressions import SNIPPET_BUILTINS, check_snippet
+from epmq.suites.expressions import evaluate as evaluate_expression
 from epmq.suites.common import (
     config_digest,
     read_suite_yaml,
@@ -147,15 +150,14 @@ def _draw_values(rng: random.Random, ranges: dict, words: list[str]) -> dict:
     return values
 
 
-_SAFE_BUILTINS = {"print": print, "len": len, "sorted": sorted, "max": max, "min": min, "sum": sum, "range": range,
-                  "str": str, "int": int, "list": list, "abs": abs}
+_SAFE_BUILTINS = {name: getattr(builtins, name) for name in SNIPPET_BUILTINS}
 
 
 def run_snippet(code: str) -> str:
     """What a generated snippet prints (stdout, stripped); only a few builtins are visible."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, "<snippet>", "exec"), {"__builtins__": _SAFE_BUILTINS}, {})  # noqa: S102 (our own templates)
+        exec(compile(check_snippet(code), "<snippet>", "exec"), {"__builtins__": _SAFE_BUILTINS}, {})  # noqa: S102 (checked)
     return out.getvalue().strip()
 
 
@@ -176,14 +178,14 @@ def _generate_items(cfg: dict, task: str, total: int) -> list[dict]:
             values["name"] = rng.choice(spec["names"])
             values["obj"] = rng.choice(spec["objects"])
             for key, expression in (template.get("derived") or {}).items():
-                values[key] = eval(expression, {"__builtins__": {}}, dict(values))  # noqa: S307 (YAML of this repo)
-            if "where" in template and not eval(template["where"], {"__builtins__": {}}, dict(values)):  # noqa: S307
+                values[key] = evaluate_expression(expression, values)
+            if "where" in template and not evaluate_expression(template["where"], values):
                 continue
             question = template["text"].format(**values)
-            answer = str(eval(template["answer"], {"__builtins__": {}}, dict(values)))  # noqa: S307
+            answer = str(evaluate_expression(template["answer"], values))
             prompt = spec["prompt"].format(question=question)
         else:  # python_output
-            if "where" in template and not eval(template["where"], {"__builtins__": {}}, dict(values)):  # noqa: S307
+            if "where" in template and not evaluate_expression(template["where"], values):
                 continue
             code = template["code"].format(**values)
             answer = run_snippet(code)
@@ -311,7 +313,7 @@ def write_data_cache(cfg: dict, out: str | os.PathLike) -> dict:
             for split, docs in items.items():
                 with open(folder / f"{split}.jsonl", "w") as handle:
                     for doc in docs:
-                        handle.write(json.dumps(doc, sort_keys=True) + "\n")
+                        handle.write(json.dumps(doc, sort_keys=True, allow_nan=False) + "\n")
             lengths = [len(tokenizer(d["prompt"] + " " + d["answer"])["input_ids"]) for d in items["test"]]
             manifest["tasks"][task] = {
                 "sizes": {split: len(docs) for split, docs in items.items()},
@@ -415,7 +417,7 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
         config_file = tmp / "config.json"
         saved = json.loads(config_file.read_text())
         if saved.pop("quantization_config", None) is not None:
-            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+            config_file.write_text(json.dumps(saved, indent=2, sort_keys=True, allow_nan=False) + "\n")
         atomic_write_json(tmp / BUILD_FILE, build)
     log.info("pretrained = SmolLM2-135M-Instruct from GGUF (%.1fM parameters) in %.0f s -> %s", n_params / 1e6,
              build["seconds"]["total"], out)

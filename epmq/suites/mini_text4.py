@@ -405,7 +405,7 @@ def write_data_cache(cfg: dict, out: str | os.PathLike) -> dict:
     with atomic_output_dir(out) as tmp:
         with open(tmp / EMAILS_FILE, "w") as handle:
             for item in emails:
-                handle.write(json.dumps(item, sort_keys=True) + "\n")
+                handle.write(json.dumps(item, sort_keys=True, allow_nan=False) + "\n")
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
     log.info("cached %d of %d e-mails in %.1f s", len(emails), stats["n_raw"], manifest["seconds"])
     return manifest

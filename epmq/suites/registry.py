@@ -58,6 +58,24 @@ def load_suite(path: str | Path) -> tuple[ModuleType, dict]:
     return module, module.load_config(path)
 
 
+def config_files(path: str | Path) -> list[Path]:
+    """Every file a suite's configuration is read from: its YAML, the ``base:`` YAMLs it inherits
+    (packaged defaults included) and the experts table it names. The workflow declares them as
+    inputs, so editing any of them reruns what depends on them."""
+    path = Path(path)
+    files, seen = [], set()
+    while path.resolve() not in seen:
+        seen.add(path.resolve())
+        files.append(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if isinstance(raw.get("experts_table"), str):
+            files.append(Path(raw["experts_table"]))  # relative to the workflow directory, as epmq.hub reads it
+        if not isinstance(raw.get("base"), str):
+            break
+        path = path.parent / raw["base"]
+    return list(dict.fromkeys(files))
+
+
 def eval_tasks(module: ModuleType, cfg: dict) -> list[str]:
     return list(module.eval_tasks(cfg)) if hasattr(module, "eval_tasks") else list(cfg["tasks"])
 
