@@ -120,6 +120,14 @@ def dequantized_state(checkpoint: LazyCheckpoint, layers: dict) -> dict[str, tor
     return state
 
 
+def model_type(path: str | Path) -> str | None:
+    """``model_type`` of a checkpoint directory's config.json (the family an adapter is chosen by)."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a model checkpoint directory)")
+    return json.loads(config.read_text()).get("model_type")
+
+
 def model_class(config) -> type[nn.Module]:
     import transformers
 

@@ -26,8 +26,6 @@ from torch import nn
 from epmq.checkpoint import QUANTIZATION_FILE, load_model
 from epmq.io import LazyCheckpoint, atomic_output_dir
 
-#: families whose compressed-tensors checkpoints transformers and vLLM serve
-EXPORTABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "generation_config.json", "chat_template.jinja")
 
@@ -55,8 +53,6 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
     info = json.loads((quantized_dir / QUANTIZATION_FILE).read_text())
     bits, group_size, sym = _grid(info["layers"])
     model = load_model(quantized_dir)
-    if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
-        raise ValueError(f"compressed-tensors export serves {EXPORTABLE_MODEL_TYPES}; this is {model.config.model_type!r}")
     checkpoint = LazyCheckpoint(quantized_dir)
     layers = list(info["layers"])
     for name in layers:

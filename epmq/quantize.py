@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from epmq.checkpoint import load_model, save_quantized
+from epmq.adapters import adapter_for_type
+from epmq.checkpoint import load_model, model_type, save_quantized
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint, sha256_file
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             overrides.setdefault(section, {})[leaf] = yaml.safe_load(value)
         else:
             overrides[key] = yaml.safe_load(value)
+    adapter_for_type(model_type(args.model))  # refuse an unsupported family before reading anything big
     params = method_params("quantize", **overrides)
     method = get_method(args.method, params)
     names = args.tasks or [file.stem for file in args.calib]
