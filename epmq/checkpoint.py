@@ -14,8 +14,7 @@ Layout of a quantized checkpoint directory::
 The dequantized weight is ``scales[r, g_idx[c]] * (code[r, c] - qzeros[r, g_idx[c]])`` (float32),
 cast to the model's dtype: the same formula the solver used, so a save/load round trip is exact.
 Linears replaced by an unrounded weight (the ``epmq_fp`` analysis row) keep a plain ``weight``.
-For Llama-family models, ``python -m epmq export`` writes the compressed-tensors format that
-transformers and vLLM load.
+``python -m epmq export`` writes the compressed-tensors format that transformers and vLLM load.
 """
 
 from __future__ import annotations

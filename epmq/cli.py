@@ -15,7 +15,7 @@ from types import ModuleType
 
 STAGES = {
     "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
-    "export": ("epmq.export", "write a quantized Llama-family checkpoint in the compressed-tensors format"),
+    "export": ("epmq.export", "write a quantized checkpoint in the compressed-tensors format (transformers, vLLM)"),
     "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
     "suite": ("epmq.suites.command", "build an offline suite: pretrain, fine-tune experts, draw calibration sets"),
     "evaluate": ("evals.evaluate", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),

@@ -44,6 +44,9 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: name suffixes of linears whose AWQ clip search is skipped (queries and keys, as in llm-awq)
     awq_no_clip: tuple[str, ...] = ()
+    #: how ``python -m epmq export`` stores codes: ``pack-quantized`` (int32-packed, what vLLM
+    #: serves) unless transformers cannot load the family from it
+    compressed_tensors_format: str = "pack-quantized"
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         raise NotImplementedError
