@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,13 +23,19 @@ from epmq.checkpoint import load_model, model_type, save_quantized
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint, sha256_file
+from epmq.merge import merge_checkpoints
+from epmq.mergekit import MergekitPlan, our_merge, read_mergekit_config
 from epmq.methods import get_method
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory of the (merged) model")
+    parser.add_argument("--model", type=Path,
+                        help="checkpoint directory of the (merged) model (optional with --mergekit-config: then merged here)")
+    parser.add_argument("--mergekit-config", type=Path, metavar="YAML",
+                        help="a mergekit config: its models (other than base_model) are the experts, and without "
+                             "--model its merge (if one of ours) is computed first")
     parser.add_argument("--method", required=True, help="rtn | gptq | awq | epmq | epmq_fp")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     parser.add_argument("--experts", nargs="*", type=Path, default=[], help="expert checkpoints, one per task")
@@ -70,6 +77,14 @@ def load_calibration(files: list[Path], names: list[str], experts: list[Path], b
     return tasks
 
 
+def _merged_model(plan: MergekitPlan, method: str, params: dict, out: Path):
+    """The merge a mergekit config asks for, computed with our operator in a scratch folder beside ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as scratch:
+        merged = merge_checkpoints(method, plan.pretrained, plan.experts, Path(scratch) / "merged", params)
+        return load_model(merged)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,17 +106,31 @@ def run(args: argparse.Namespace) -> int:
             overrides.setdefault(section, {})[leaf] = yaml.safe_load(value)
         else:
             overrides[key] = yaml.safe_load(value)
-    adapter_for_type(model_type(args.model))  # refuse an unsupported family before reading anything big
+    plan = None
+    if args.mergekit_config:
+        if args.experts:
+            raise ValueError("--mergekit-config names the experts (its models): drop --experts")
+        plan = read_mergekit_config(args.mergekit_config)
+        args.experts = plan.experts
+        merge = None if args.model else our_merge(plan)  # refuse an unmapped merge before anything is computed
+    elif args.model is None:
+        raise ValueError("--model is required (or --mergekit-config)")
+    adapter_for_type(model_type(args.model or plan.pretrained))  # refuse an unsupported family before reading anything big
     params = method_params("quantize", **overrides)
     method = get_method(args.method, params)
     names = args.tasks or [file.stem for file in args.calib]
     tasks = load_calibration(args.calib, names, args.experts, params["batch_size"]) if method.needs_calibration else []
-    model = load_model(args.model).to(args.device)
+    if args.model is None:
+        model = _merged_model(plan, *merge, args.out)
+    else:
+        model = load_model(args.model)
+    model = model.to(args.device)
     result = quantize_model(model, method, tasks)
     metadata = {
         "method": method.name,
         "params": method.describe(),
-        "model": str(args.model),
+        "model": str(args.model) if args.model else None,
+        **({"mergekit_config": {**plan.record(), "merged_here": args.model is None}} if plan else {}),
         "tasks": [
             {
                 "name": task.name,

@@ -97,12 +97,14 @@ def merge_checkpoints(
     params: Mapping | None = None,
     *,
     device: torch.device | str | None = None,
+    source: dict | None = None,
 ) -> Path:
     """Merge the expert checkpoints into ``out`` with operator ``method``, streaming; return ``out``.
 
     ``pretrained`` is an HF ``save_pretrained`` directory (safetensors, single or sharded); the
     experts are directories or ``.safetensors`` files with the same tensors. ``params`` are
-    validated and completed from the schema; ``device`` is where WUDI optimises (default CPU).
+    validated and completed from the schema; ``device`` is where WUDI optimises (default CPU);
+    ``source`` (e.g. the mergekit config the merge came from) is recorded in ``merge.json``.
     Raises :class:`MergeError` (or :class:`epmq.io.CheckpointError`, both ``ValueError``) on bad
     input or a non-finite result, leaving nothing at ``out``.
     """
@@ -131,6 +133,7 @@ def merge_checkpoints(
                 "params": params,
                 "pretrained": _identity(pretrained),
                 "experts": [_identity(path) for path in experts],
+                **({"source": source} if source else {}),
                 "provenance": provenance(device=str(device or "cpu")),
             },
         )
