@@ -13,6 +13,8 @@ import logging
 import sys
 from types import ModuleType
 
+from epmq.progress import quiet_foreign_bars
+
 STAGES = {
     "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
     "export": ("epmq.export", "write a quantized checkpoint in the compressed-tensors format (transformers, vLLM)"),
@@ -21,6 +23,7 @@ STAGES = {
     "evaluate": ("evals.evaluate", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
     "aggregate": ("evals.aggregate", "collect per-task metrics of many models into one tidy CSV"),
     "render": ("evals.render", "render a target's tables (Markdown, LaTeX, HTML) or figure (PNG)"),
+    "diagnose": ("epmq.diagnose", "per-layer merging and quantization deviations from the experts, and checks that break quantizers"),
     "demo": ("epmq.demo", "quantize one random layer with every method and print the objectives"),
 }
 
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    quiet_foreign_bars()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, FileNotFoundError) as error:  # bad input: one clear line, no traceback
