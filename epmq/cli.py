@@ -29,6 +29,7 @@ STAGES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_foreign_bars()  # before any stage module imports tqdm, which reads TQDM_* when imported
     parser = argparse.ArgumentParser(prog="python -m epmq", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -42,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    quiet_foreign_bars()
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (ValueError, FileNotFoundError) as error:  # bad input: one clear line, no traceback

@@ -247,9 +247,9 @@ def run(args: argparse.Namespace) -> int:
     for finding in report["checks"]:
         print(f"check: {finding['tensor']}: {finding['problem']}: {finding['detail']}")
     for layer in report.get("layers", []):
-        quant = " ".join("-" if q is None else f"{q:.3g}" for q in layer["quantization_relative"])
         merge = "-" if layer["merging_relative"] is None else f"{layer['merging_relative']:.3g}"
-        print(f"{layer['layer']}\tmerging {merge}\tquantization {quant}")
+        quant = " ".join("-" if q is None else f"{q:.3g}" for q in layer["quantization_relative"])
+        print(f"{layer['layer']}\tmerging {merge}" + (f"\tquantization {quant}" if quant else ""))
     if "totals" in report:
         totals = report["totals"]
         print(f"total merging deviation (relative): {totals['merging_relative']:.4g}")

@@ -29,6 +29,7 @@ from torch import nn
 from epmq.adapters import adapter_for_type
 from epmq.checkpoint import QUANTIZATION_FILE, load_model, model_type
 from epmq.io import LazyCheckpoint, atomic_output_dir
+from epmq.progress import interactive
 
 #: widest integer code compressed-tensors' int formats store (int8 storage)
 MAX_BITS = 8
@@ -89,7 +90,7 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
                                                       format=adapter.compressed_tensors_format)},
         ignore=others, quantization_status=QuantizationStatus.FROZEN,
     )
-    apply_quantization_config(model, config)
+    apply_quantization_config(model, config, show_progress=interactive())
     offset = 2 ** (bits - 1)  # compressed-tensors keeps codes and zero points in the signed range
     with torch.no_grad():
         for name in layers:

@@ -54,6 +54,7 @@ def test_stage_logs_hold_no_carriage_returns(tmp_path):
         ["merge", "--method", "wudi", "--pretrained", str(base), "--experts", *map(str, experts), "--out", str(tmp_path / "m")],
         ["quantize", "--model", str(tmp_path / "m"), "--method", "gptq", "--group-size", "32",
          "--calib", *map(str, calib), "--out", str(tmp_path / "q")],
+        ["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "ct")],
     ]
     for command in commands:
         with open(tmp_path / "log", "w") as log:  # stderr is a file, as under Snakemake
