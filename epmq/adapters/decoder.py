@@ -99,7 +99,9 @@ class DecoderAdapter(ModelAdapter):
         return None if mask is None else mask.bool()
 
 
-for _family in FAMILIES:
-    _adapter = DecoderAdapter(_family)
-    for _model_type in _family.model_types:
-        ADAPTERS[_model_type] = _adapter
+def _register(families: tuple[DecoderFamily, ...]) -> None:
+    for family in families:
+        ADAPTERS.update(dict.fromkeys(family.model_types, DecoderAdapter(family)))
+
+
+_register(FAMILIES)
