@@ -193,6 +193,16 @@ def diagnose(merged: Path, experts: list[Path], calib: list[Path], quantized: li
     return report
 
 
+def short_names(paths: list[str]) -> list[str]:
+    """The fewest trailing path components that tell ``paths`` apart (``rtn/w4g32n16``, not ``w4g32n16``)."""
+    parts = [Path(path).parts for path in paths]
+    for count in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-count:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(path) for path in paths]
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -207,8 +217,8 @@ def plot(report: dict, path: Path) -> None:
         return [float("nan") if v is None else v for v in values]
 
     per_layer.plot(positions, series([layer["merging_relative"] for layer in layers]), "o-", ms=3, label="merging (W_m vs experts)")
-    for index, model in enumerate(report["quantized"]):
-        name = Path(model).name
+    names = short_names(report["quantized"])
+    for index, name in enumerate(names):
         per_layer.plot(positions, series([layer["quantization_relative"][index] for layer in layers]), ".-",
                        label=f"quantization ({name} vs W_m)")
     per_layer.set_yscale("log")
@@ -217,13 +227,15 @@ def plot(report: dict, path: Path) -> None:
     ticks = list(positions)[:: max(1, len(layers) // 24)]
     per_layer.set_xticks(ticks, [layers[i]["layer"].split(".", 2)[-1] if len(layers[i]["layer"]) < 40
                                  else layers[i]["layer"][-38:] for i in ticks], rotation=90, fontsize=6)
-    per_layer.legend(fontsize=7)
+    per_layer.legend(fontsize=7, framealpha=0.6)
     per_layer.set_title("per-layer relative deviation")
-    labels = ["merged"] + [Path(m).name for m in report["quantized"]]
+    labels = ["merged"] + names
     values = [report["totals"]["merging_relative"]] + [q["total_relative"] for q in report["totals"]["quantized"]]
     totals.bar(range(len(labels)), series(values))
     totals.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
     totals.set_title("total deviation from the experts")
+    figure.suptitle(f"{'/'.join(Path(report['merged']).parts[-3:])} against its {len(report['experts'])} experts",
+                    fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from epmq.checkpoint import load_model
 from epmq.cli import main
+from epmq.diagnose import short_names
 from tests.decoder_models import save_calibration, save_family, tiny_decoder
 
 
@@ -64,6 +65,7 @@ def test_deviations_per_layer_equal_the_definition(merged, tmp_path, capsys):
     assert 0 < merge / energy < 1 and 0 < quant / energy < 1
     totals = report["totals"]
     assert [entry["model"] for entry in totals["quantized"]] == [str(tmp / "rtn"), str(tmp / "epmq")]
+    assert short_names(["r/quant/ta/rtn/w4g32", "r/quant/ta/gptq/w4g32"]) == ["rtn/w4g32", "gptq/w4g32"]
     printed = capsys.readouterr().out
     assert "total merging deviation (relative)" in printed and name in printed
 
@@ -93,6 +95,7 @@ def test_checks_name_each_tensor_and_nan_stops_the_run(merged, tmp_path, capsys)
     save_file(state, str(broken / "model.safetensors"))
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "r2")]) == 2
+    assert short_names(["r/quant/ta/rtn/w4g32", "r/quant/ta/gptq/w4g32"]) == ["rtn/w4g32", "gptq/w4g32"]
     printed = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj.weight: nan_inf: 1 of" in printed
     assert "layers" not in json.loads((tmp_path / "r2" / "diagnose.json").read_text())
