@@ -116,6 +116,9 @@ def our_merge(plan: MergekitPlan) -> tuple[str, dict]:
     if any(w is None for w in weights) and plan.method in ("linear", "task_arithmetic"):
         raise ValueError(f"{where} needs a `weight` for every model (mergekit requires one)")
     if plan.method == "linear":
+        if plan.base is not None:
+            raise ValueError(f"{where} with a base_model: mergekit averages the base in with the models; "
+                             "our simple_average averages the experts only: drop base_model")
         normalize = plan.global_params.get("normalize", True)
         equal = len(set(weights)) == 1
         if not equal or not (normalize or abs(sum(weights) - 1.0) < 1e-12):

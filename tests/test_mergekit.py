@@ -70,6 +70,7 @@ def test_normalized_task_arithmetic_and_equal_weight_linear(family, tmp_path):
     ("slerp", "weighted", True, {"t": 0.5}, "merge_method 'slerp' is not implemented here"),
     ("dare_ties", "weighted", True, {}, "merge_method 'dare_ties' is not implemented here"),
     ("linear", "unequal", False, {}, "is a weighted average"),
+    ("linear", "weighted", True, {}, "with a base_model: mergekit averages the base in"),
     ("task_arithmetic", "sparse", True, {}, "sparsifies"),
     ("task_arithmetic", "gradient", True, {}, "only scalars are supported"),
     ("task_arithmetic", "hub", True, {}, "is not a local model folder"),
