@@ -24,6 +24,7 @@ include: "rules/merge.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/paper.smk"
+include: "rules/diagnose.smk"
 
 
 report: "report/workflow.rst"

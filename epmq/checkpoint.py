@@ -14,8 +14,7 @@ Layout of a quantized checkpoint directory::
 The dequantized weight is ``scales[r, g_idx[c]] * (code[r, c] - qzeros[r, g_idx[c]])`` (float32),
 cast to the model's dtype: the same formula the solver used, so a save/load round trip is exact.
 Linears replaced by an unrounded weight (the ``epmq_fp`` analysis row) keep a plain ``weight``.
-For Llama-family models, ``python -m epmq export`` writes the compressed-tensors format that
-transformers and vLLM load.
+``python -m epmq export`` writes the compressed-tensors format that transformers and vLLM load.
 """
 
 from __future__ import annotations
@@ -120,6 +119,14 @@ def dequantized_state(checkpoint: LazyCheckpoint, layers: dict) -> dict[str, tor
         )
         state[f"{name}.weight"] = quantized.weight
     return state
+
+
+def model_type(path: str | Path) -> str | None:
+    """``model_type`` of a checkpoint directory's config.json (the family an adapter is chosen by)."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a model checkpoint directory)")
+    return read_json(config).get("model_type")
 
 
 def model_class(config) -> type[nn.Module]:

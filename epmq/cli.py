@@ -14,20 +14,24 @@ import math
 import sys
 from types import ModuleType
 
+from epmq.progress import quiet_foreign_bars
+
 STAGES = {
     "quantize": ("epmq.quantize", "quantize a (merged) model with rtn, gptq, awq or epmq"),
-    "export": ("epmq.export", "write a quantized Llama-family checkpoint in the compressed-tensors format"),
+    "export": ("epmq.export", "write a quantized checkpoint in the compressed-tensors format (transformers, vLLM)"),
     "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
     "suite": ("epmq.suites.command", "build an offline suite: pretrain, fine-tune experts, draw calibration sets"),
     "evaluate": ("evals.evaluate", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
     "aggregate": ("evals.aggregate", "collect per-task metrics of many models into one tidy CSV"),
     "render": ("evals.render", "render a target's tables (Markdown, LaTeX, HTML) or figure (PNG)"),
     "convert": ("epmq.convert", "convert a CLIP vision tower between open_clip and transformers (--from open_clip --to hf, and back)"),
+    "diagnose": ("epmq.diagnose", "per-layer merging and quantization deviations from the experts, and checks that break quantizers"),
     "demo": ("epmq.demo", "quantize one random layer with every method and print the objectives"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_foreign_bars()  # before any stage module imports tqdm, which reads TQDM_* when imported
     parser = argparse.ArgumentParser(prog="python -m epmq", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")

@@ -23,6 +23,7 @@ from torch import nn
 from epmq.adapters import ModelAdapter, Stack, adapter_for, block_linears, linear_groups
 from epmq.io import LazyCheckpoint
 from epmq.methods import LayerResult, QuantMethod
+from epmq.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ def quantize_model(
     with torch.no_grad(), _tf32_off():
         for stack in adapter.stacks(model):
             inputs = _capture_stack_inputs(model, adapter, stack, tasks) if method.needs_calibration else None
-            for index, block in enumerate(stack.blocks):
+            for index, block in progress(enumerate(stack.blocks), f"quantizing {stack.name} blocks",
+                                         total=len(stack.blocks), unit="block"):
                 block_start = time.perf_counter()
                 prefix = f"{stack.prefix}.{index}"
                 if inputs is None:

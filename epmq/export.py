@@ -1,16 +1,19 @@
 """``python -m epmq export``: a quantized checkpoint in the compressed-tensors format.
 
 compressed-tensors (the format llm-compressor writes) is what transformers (with the
-``compressed-tensors`` package installed), vLLM and lm-eval load directly. The export keeps our
-codes exactly: each linear gets ``weight_packed`` (codes shifted to the signed range and packed
-into int32), ``weight_scale`` and, for asymmetric grids, ``weight_zero_point``, written by
-compressed-tensors' own ``pack-quantized`` compressor from the scales and zero points we fitted;
-config.json gains the ``quantization_config`` that tells loaders how to read them.
+``compressed-tensors`` package installed), vLLM and lm-eval load directly. Every family with an
+adapter exports: decoder LMs, CLIP vision towers, T5, BERT. The export keeps our codes exactly:
+compressed-tensors' own compressor writes them from the scales and zero points we fitted, in the
+adapter's ``compressed_tensors_format``: ``pack-quantized`` (codes shifted to the signed range,
+packed into int32 ``weight_packed``) or, for T5, ``int-quantized`` (one int8 ``weight`` per code);
+``weight_scale`` and, for asymmetric grids, ``weight_zero_point`` go beside them, and config.json
+gains the ``quantization_config`` that tells loaders how to read them.
 
-The format has one group layout per scheme: every quantized linear must share bits, group size and
-symmetry, groups must be consecutive columns (no act-order with groups formed in permuted order;
-quantize with ``static_groups`` for act-order exports), and the group size must divide d_in.
-CLIP, T5 and BERT checkpoints stay in this project's own format (``epmq.checkpoint``).
+What compressed-tensors cannot express is refused with the reason (our own format,
+``epmq.checkpoint``, keeps it): codes wider than 8 bits (its integer formats store at most int8),
+different grids for different linears (one scheme per export), groups that are not consecutive
+columns (act-order with groups formed in permuted order: quantize with ``static_groups``), a
+group size not dividing d_in, and unrounded layers (``epmq_fp``).
 
 ``--format open_clip`` writes a CLIP vision tower (merged, or quantized and then dequantized) back
 as an open_clip state dict (``epmq.convert``), for use where the experts came from: open_clip.
@@ -25,25 +28,32 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from epmq.checkpoint import QUANTIZATION_FILE, load_model, quantization_info
+from epmq.adapters import adapter_for_type
+from epmq.checkpoint import QUANTIZATION_FILE, load_model, model_type, quantization_info
 from epmq.cli import add_overwrite_argument
 from epmq.io import LazyCheckpoint, atomic_output_dir, check_output, require_local_dir
+from epmq.progress import interactive
 
 #: the copy of quantization.json an export carries: its provenance file
 EXPORT_RECORD = "epmq_quantization.json"
 
-#: families whose compressed-tensors checkpoints transformers and vLLM serve
-EXPORTABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: widest integer code compressed-tensors' int formats store (int8 storage)
+MAX_BITS = 8
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "generation_config.json", "chat_template.jinja")
+                    "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt", "vocab.txt",
+                    "spiece.model", "preprocessor_config.json", "processor_config.json")
 
 
 def _grid(layers: dict) -> tuple[int, int, bool]:
+    unrounded = [name for name, spec in layers.items() if not spec["bits"]]
+    if unrounded:
+        raise ValueError(f"unrounded layers (epmq_fp) have no integer codes to export, e.g. {unrounded[0]}")
     grids = {(spec["bits"], spec["group_size"], spec["sym"]) for spec in layers.values() if spec["bits"]}
+    too_wide = sorted({bits for bits, _, _ in grids if bits > MAX_BITS})
+    if too_wide:
+        raise ValueError(f"compressed-tensors stores integer codes of at most {MAX_BITS} bits; this checkpoint has {too_wide}")
     if len(grids) != 1:
         raise ValueError(f"compressed-tensors needs one grid for every quantized linear, found {sorted(grids)}")
-    if any(not spec["bits"] for spec in layers.values()):
-        raise ValueError("unrounded layers (epmq_fp) have no integer codes to export")
     return grids.pop()
 
 
@@ -61,10 +71,9 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
     info = quantization_info(quantized_dir)
     if info is None:
         raise ValueError(f"{quantized_dir} has no {QUANTIZATION_FILE}: export reads checkpoints written by `quantize`")
+    adapter = adapter_for_type(model_type(quantized_dir))
     model = load_model(quantized_dir)  # validates the checkpoint (epmq.checkpoint_validation) first
     bits, group_size, sym = _grid(info["layers"])
-    if model.config.model_type not in EXPORTABLE_MODEL_TYPES:
-        raise ValueError(f"compressed-tensors export serves {EXPORTABLE_MODEL_TYPES}; this is {model.config.model_type!r}")
     checkpoint = LazyCheckpoint(quantized_dir)
     layers = list(info["layers"])
     for name in layers:
@@ -82,10 +91,11 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
     )
     others = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in info["layers"]]
     config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights,
+                                                      format=adapter.compressed_tensors_format)},
         ignore=others, quantization_status=QuantizationStatus.FROZEN,
     )
-    apply_quantization_config(model, config)
+    apply_quantization_config(model, config, show_progress=interactive())
     offset = 2 ** (bits - 1)  # compressed-tensors keeps codes and zero points in the signed range
     with torch.no_grad():
         for name in layers:
@@ -94,7 +104,7 @@ def export_compressed_tensors(quantized_dir: str | Path, out_dir: str | Path, to
             if not sym:
                 zeros = checkpoint.get(f"{name}.qzeros").to(torch.int16) - offset
                 module.weight_zero_point.copy_(zeros.to(module.weight_zero_point.dtype).reshape(module.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     with atomic_output_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

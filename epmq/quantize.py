@@ -11,26 +11,34 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from epmq.checkpoint import QUANTIZATION_FILE, load_model, save_quantized
+from epmq.adapters import adapter_for_type
+from epmq.checkpoint import QUANTIZATION_FILE, load_model, model_type, save_quantized
 from epmq.cli import add_overwrite_argument, finite_float, positive_int, torch_device
 from epmq.config import method_params, parse_assignment
 from epmq.convert import hf_inputs
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint, check_output, require_local_dir, sha256_file, warn_duplicates
+from epmq.merge import merge_checkpoints
+from epmq.mergekit import MergekitPlan, our_merge, read_mergekit_config
 from epmq.methods import get_method
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path,
-                        help="checkpoint directory of the (merged) model, or an open_clip state dict (converted on the fly)")
+    parser.add_argument("--model", type=Path,
+                        help="checkpoint directory of the (merged) model, or an open_clip state dict (converted on "
+                             "the fly); optional with --mergekit-config: then merged here")
+    parser.add_argument("--mergekit-config", type=Path, metavar="YAML",
+                        help="a mergekit config: its models (other than base_model) are the experts, and without "
+                             "--model its merge (if one of ours) is computed first")
     parser.add_argument("--method", required=True, help="rtn | gptq | awq | epmq | epmq_fp")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     add_overwrite_argument(parser)
@@ -133,10 +141,29 @@ def load_calibration(files: list[Path], names: list[str], experts: list[Path], b
     return tasks
 
 
+def _merged_model(plan: MergekitPlan, method: str, params: dict, out: Path):
+    """The merge a mergekit config asks for, computed with our operator in a scratch folder beside ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as scratch:
+        merged = merge_checkpoints(method, plan.pretrained, plan.experts, Path(scratch) / "merged", params)
+        return load_model(merged)
+
+
 def run(args: argparse.Namespace) -> int:
-    if not args.model.is_file():  # a file can only be an open_clip state dict, converted below
-        require_local_dir(args.model, "--model")
-    check_output(args.out, inputs=[args.model, *args.experts, *args.calib], records=[QUANTIZATION_FILE],
+    plan = merge = None
+    if args.mergekit_config:
+        if args.experts:
+            raise ValueError("--mergekit-config names the experts (its models): drop --experts")
+        plan = read_mergekit_config(args.mergekit_config)
+        args.experts = plan.experts
+        merge = None if args.model else our_merge(plan)  # refuse an unmapped merge before anything is computed
+    elif args.model is None:
+        raise ValueError("--model is required (or --mergekit-config)")
+    source = args.model or Path(plan.pretrained)
+    if not source.is_file():  # a file can only be an open_clip state dict (a CLIP tower), converted below
+        require_local_dir(source, "--model")
+        adapter_for_type(model_type(source))  # refuse an unsupported family before reading anything big
+    check_output(args.out, inputs=[source, *args.experts, *args.calib], records=[QUANTIZATION_FILE],
                  overwrite=args.overwrite)
     warn_duplicates(args.experts, "--experts")
     warn_duplicates(args.calib, "--calib")
@@ -161,24 +188,31 @@ def run(args: argparse.Namespace) -> int:
     params = method_params("quantize", **overrides)
     method = get_method(args.method, params)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"mergekit_config": {**plan.record(), "merged_here": args.model is None}} if plan else {}
     # open_clip model or experts become temporary HF folders (experts named like the model), recorded
-    with hf_inputs([args.model], workdir=args.out.parent) as ((model_dir,), model_conversions), \
+    with hf_inputs([source], workdir=args.out.parent) as ((model_dir,), model_conversions), \
             hf_inputs(args.experts, like=model_dir, workdir=args.out.parent) as (experts, expert_conversions):
         conversions = model_conversions + expert_conversions
-        _quantize(args, method, params, model_dir, experts, {"open_clip_conversions": conversions} if conversions else {})
+        if conversions:
+            record["open_clip_conversions"] = conversions
+        if merge is not None:
+            model = _merged_model(plan, *merge, args.out)
+        else:
+            model = load_model(model_dir)
+        _quantize(args, method, params, model, experts, record)
     return 0
 
 
-def _quantize(args: argparse.Namespace, method, params: dict, model_dir: Path, experts: list[Path], record: dict) -> None:
+def _quantize(args: argparse.Namespace, method, params: dict, model: nn.Module, experts: list[Path], record: dict) -> None:
     names = args.tasks or [file.stem for file in args.calib]
     tasks = load_calibration(args.calib, names, experts, params["batch_size"]) if method.needs_calibration else []
-    model = load_model(model_dir).to(args.device)
+    model = model.to(args.device)
     check_calibration_fits(model, tasks, args.calib)
     result = quantize_model(model, method, tasks)
     metadata = {
         "method": method.name,
         "params": method.describe(),
-        "model": str(args.model),
+        "model": str(args.model) if args.model else None,
         "tasks": [
             {
                 "name": task.name,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from epmq.progress import progress
+
 log = logging.getLogger(__name__)
 
 
@@ -125,7 +127,7 @@ def evaluate_task(encode, heads: Mapping[str, torch.Tensor], task: str, dataset,
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     predictions, labels = [], []
-    for start in range(0, n, batch_size):
+    for start in progress(range(0, n, batch_size), f"evaluating {task}", unit="batch"):
         rows = dataset[start : min(start + batch_size, n)]
         features = zs.image_features(encode(pixel_values(processor, rows["image"])), heads["visual_projection.weight"])
         logits = zs.zeroshot_logits(features, heads[f"heads.{task}"], heads["logit_scale"])

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from epmq.progress import progress
+
 TextEncoder = Callable[[list[str]], torch.Tensor]
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,7 +70,7 @@ def predict(
 ) -> torch.Tensor:
     """Top-1 predictions [N] of the zero-shot classifier on ``pixel_values`` [N, C, H, W]."""
     predictions = []
-    for start in range(0, pixel_values.shape[0], batch_size):
+    for start in progress(range(0, pixel_values.shape[0], batch_size), "evaluating", unit="batch"):
         pooled = encoder(pixel_values[start : start + batch_size])
         logits = zeroshot_logits(image_features(pooled, projection), heads, logit_scale)
         predictions.append(logits.argmax(dim=-1))

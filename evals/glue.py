@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from epmq.progress import progress
+
 log = logging.getLogger(__name__)
 
 GLUE_DATASET = "nyu-mll/glue"
@@ -132,7 +134,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int =
     """Greedy answers of a seq2seq model to ``prompts``, decoded without special tokens."""
     device = next(model.parameters()).device
     answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress(range(0, len(prompts), batch_size), "generating answers", unit="batch"):
         inputs = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
                            truncation=True, max_length=max_input_length)
         outputs = model.generate(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),

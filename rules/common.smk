@@ -8,6 +8,7 @@
 #   results/{suite}/quant/{merge}/{method}/w{bits}g{group}n{samples}
 #                                                   method = rtn | gptq | awq | epmq-a{alpha} | epmq_fp-a{alpha}
 #   results/{suite}/eval/{model}                    one {task}.json per task; model = any of the above
+#   results/{suite}/diagnose/{merge}                diagnose.json + diagnose.png (python -m epmq diagnose)
 #   results/tables/{target}.{csv,md,tex,html,png}
 #
 # Offline suites (builder mini-*) are built by jobs; hub suites (hub-*) are fetched by local jobs
@@ -216,3 +217,17 @@ def evaluation_tasks(wildcards):
     if wildcards.model.startswith("experts/"):
         return [wildcards.model.split("/", 1)[1]]
     return eval_tasks(wildcards.suite)
+
+
+def diagnose_quantized(wildcards):
+    """The suite's default-grid RTN, GPTQ and E-PMQ models of this merge."""
+    methods = ["rtn", "gptq"] + (["epmq"] if wildcards.merge in suite_settings(wildcards.suite)["alpha"] else [])
+    return [f"results/{wildcards.suite}/{quant_model(wildcards.suite, wildcards.merge, m)}" for m in methods]
+
+
+def diagnose_calibration(wildcards):
+    s = suite_settings(wildcards.suite)
+    return [
+        f"results/{wildcards.suite}/calib/n{s['samples']}-s{s['calib_seed']}/{task}.safetensors"
+        for task in tasks(wildcards.suite)
+    ]

@@ -44,6 +44,9 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: name suffixes of linears whose AWQ clip search is skipped (queries and keys, as in llm-awq)
     awq_no_clip: tuple[str, ...] = ()
+    #: how ``python -m epmq export`` stores codes: ``pack-quantized`` (int32-packed, what vLLM
+    #: serves) unless transformers cannot load the family from it
+    compressed_tensors_format: str = "pack-quantized"
 
     def stacks(self, model: nn.Module) -> list[Stack]:
         raise NotImplementedError
@@ -140,11 +143,20 @@ def register_adapter(adapter_class: type[ModelAdapter]) -> type[ModelAdapter]:
     return adapter_class
 
 
+def supported_families() -> str:
+    """The supported families, by the ``config.model_type`` values that select them."""
+    return ", ".join(sorted(ADAPTERS))
+
+
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter registered for ``model.config.model_type``."""
+    return adapter_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def adapter_for_type(model_type: str | None) -> ModelAdapter:
+    """The adapter registered for an HF ``config.model_type``; one line naming the supported ones if none."""
     import epmq.adapters  # noqa: F401  (registers the built-in families)
 
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
-        raise ValueError(f"no adapter for model_type {model_type!r}; known: {sorted(ADAPTERS)}")
+        raise ValueError(f"model family {model_type!r} has no adapter; supported: {supported_families()}")
     return ADAPTERS[model_type]

@@ -31,6 +31,9 @@ class T5Adapter(ModelAdapter):
             Stack("decoder", module_path(model, model.decoder.block), model.decoder.block),
         ]
 
+    # transformers' T5 weight init reads ``.weight`` of every attention linear, even when loaded,
+    # and pack-quantized linears have ``weight_packed`` only: int8 codes keep a ``weight``.
+    compressed_tensors_format = "int-quantized"
     awq_no_clip = ("SelfAttention.q", "SelfAttention.k", "EncDecAttention.q", "EncDecAttention.k")
 
     def awq_groups(self, block):

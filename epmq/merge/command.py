@@ -1,4 +1,5 @@
-"""``python -m epmq merge --method NAME --pretrained DIR --experts DIR... [--param k=v ...] --out DIR``."""
+"""``python -m epmq merge --method NAME --pretrained DIR --experts DIR... [--param k=v ...] --out DIR``,
+or ``python -m epmq merge --mergekit-config merge.yml --out DIR``."""
 
 from __future__ import annotations
 
@@ -12,16 +13,19 @@ from epmq.cli import add_overwrite_argument, torch_device
 from epmq.config import parse_assignment
 from epmq.convert import hf_inputs
 from epmq.io import check_output
-from epmq.merge.registry import MERGERS, MergeError
+from epmq.merge.registry import MERGERS
 from epmq.merge.streaming import MERGE_RECORD, merge_checkpoints
+from epmq.mergekit import our_merge, read_mergekit_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", required=True, choices=sorted(MERGERS), help="merge operator")
-    parser.add_argument("--pretrained", required=True, metavar="DIR",
+    parser.add_argument("--method", choices=sorted(MERGERS), help="merge operator")
+    parser.add_argument("--pretrained", metavar="DIR",
                         help="pretrained checkpoint (HF safetensors, or an open_clip state dict: converted on the fly)")
-    parser.add_argument("--experts", required=True, nargs="+", metavar="DIR",
+    parser.add_argument("--experts", nargs="+", metavar="DIR",
                         help="fine-tuned expert checkpoints (HF, or open_clip: converted on the fly, recorded in merge.json)")
+    parser.add_argument("--mergekit-config", metavar="YAML", type=Path,
+                        help="a mergekit config: its models, base_model and merge (instead of --method/--pretrained/--experts)")
     parser.add_argument(
         "--param",
         action="append",
@@ -45,17 +49,31 @@ def parse_params(pairs: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        sources, out = [Path(args.pretrained), *map(Path, args.experts)], Path(args.out)
+        record = {}
+        if args.mergekit_config:
+            if args.method or args.pretrained or args.experts or args.param:
+                raise ValueError("--mergekit-config replaces --method, --pretrained, --experts and --param: give one or the other")
+            plan = read_mergekit_config(args.mergekit_config)
+            method, params = our_merge(plan)
+            pretrained, experts = plan.pretrained, plan.experts
+            record["source"] = {"mergekit_config": plan.record()}
+        else:
+            missing = [flag for flag, value in (("--method", args.method), ("--pretrained", args.pretrained),
+                                                ("--experts", args.experts)) if not value]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} required (or --mergekit-config)")
+            method, params = args.method, parse_params(args.param)
+            pretrained, experts = args.pretrained, args.experts
+        sources, out = [Path(pretrained), *map(Path, experts)], Path(args.out)
         # checked on the user's own paths, before open_clip inputs are converted beside the output
         check_output(out, inputs=sources, records=[MERGE_RECORD], overwrite=args.overwrite)
         out.parent.mkdir(parents=True, exist_ok=True)
         # open_clip inputs become temporary HF folders beside the output, named like the pretrained model
         with hf_inputs(sources, workdir=out.parent) as (paths, conversions):
-            merge_checkpoints(
-                args.method, paths[0], paths[1:], out, parse_params(args.param), device=args.device,
-                record={"open_clip_conversions": conversions} if conversions else None,
-                overwrite=args.overwrite,
-            )
+            if conversions:
+                record["open_clip_conversions"] = conversions
+            merge_checkpoints(method, paths[0], paths[1:], out, params, device=args.device,
+                              record=record or None, overwrite=args.overwrite)
     except ValueError as error:  # MergeError, CheckpointError and schema errors: bad input, nothing written
         message = " ".join(str(error).split())
         print(f"epmq merge: error: {message}", file=sys.stderr)

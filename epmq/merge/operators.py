@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from epmq.progress import progress
+
 
 def computation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -197,7 +199,7 @@ def wudi_task_vector(task_vectors: Tensor, steps: int, lr: float) -> tuple[Tenso
     parameter = torch.nn.Parameter(merged)
     optimizer = torch.optim.Adam([parameter], lr=lr, weight_decay=0.0)
     losses = []
-    for _ in range(steps):
+    for _ in progress(range(steps), "WUDI steps", unit="step"):
         current = parameter.detach()
         gradient = torch.zeros_like(current)
         loss = current.new_zeros(())

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from epmq.config import method_params
 from epmq.merge import operators
+from epmq.progress import progress
 
 log = logging.getLogger("epmq.merge")
 
@@ -76,12 +77,8 @@ class MergeInputs(ABC):
         return tensor
 
     def iterate(self, keys: Sequence[str], task: str) -> Iterator[str]:
-        """``keys``, logging progress about every tenth of the way."""
-        every = max(1, len(keys) // 10)
-        for position, key in enumerate(keys, start=1):
-            yield key
-            if position % every == 0 or position == len(keys):
-                log.info("%s: %d/%d tensors", task, position, len(keys))
+        """``keys``, showing progress (:func:`epmq.progress.progress`)."""
+        yield from progress(keys, task, unit="tensor")
 
 
 def check_consistent(

@@ -107,7 +107,8 @@ def merge_checkpoints(
     ``pretrained`` is an HF ``save_pretrained`` directory (safetensors, single or sharded); the
     experts are directories or ``.safetensors`` files with the same tensors. ``params`` are
     validated and completed from the schema; ``device`` is where WUDI optimises (default CPU).
-    ``record`` adds entries to ``merge.json`` (e.g. how inputs were converted from open_clip).
+    ``record`` adds entries to ``merge.json`` (how inputs were converted from open_clip, the
+    mergekit config the merge came from).
     Raises :class:`MergeError` (or :class:`epmq.io.CheckpointError`, both ``ValueError``) on bad
     input or a non-finite result, leaving nothing at ``out``. ``out`` is checked first
     (:func:`epmq.io.check_output`): never an input, above one or inside one; an existing non-empty

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance
+from epmq.progress import progress
 from epmq.suites.common import (
     config_digest,
     read_suite_yaml,
@@ -535,7 +536,7 @@ def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | No
     n_combos = len(phrases)
     model.train()
     losses = []
-    for step in range(spec["steps"]):
+    for step in progress(range(spec["steps"]), "pretraining", unit="step"):
         images, labels = [], []
         for (pool_images, pool_labels, first), share in zip(pools, shares):
             idx = torch.randint(len(pool_labels), (share,), generator=generator).numpy()
@@ -614,7 +615,8 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
     generator = _generator(cfg, "finetune", task)
     model.train()
     losses = []
-    for step, idx in enumerate(_batches(len(split), spec["batch_size"], spec["steps"], generator)):
+    steps = enumerate(_batches(len(split), spec["batch_size"], spec["steps"], generator))
+    for step, idx in progress(steps, f"fine-tuning {task}", total=spec["steps"], unit="step"):
         pixel_values = to_pixel_values(augment(split.images[idx], spec["augment"], generator), cfg)
         features = zs.image_features(model(pixel_values=pixel_values).pooler_output, projection)
         loss = F.cross_entropy(scale * features @ classifier.T, split.labels[idx])

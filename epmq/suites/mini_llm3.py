@@ -70,6 +70,7 @@ import torch.nn.functional as F
 import yaml
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance, sha256_file
+from epmq.progress import progress
 from epmq.suites.expressions import SNIPPET_BUILTINS, check_snippet
 from epmq.suites.expressions import evaluate as evaluate_expression
 from epmq.suites.common import (
@@ -538,7 +539,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (len(batches) - s) / max(1, len(batches) - warmup)))
     model.train()
     losses = []
-    for idx in batches:
+    for idx in progress(batches, f"fine-tuning {task}", unit="step"):
         chosen = [examples[i] for i in idx.tolist()]
         ids, mask = _pad([c[0] for c in chosen], tokenizer.pad_token_id)
         loss = answer_loss(model, ids, mask, [c[1] for c in chosen])

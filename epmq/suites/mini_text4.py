@@ -97,6 +97,7 @@ import torch
 import torch.nn.functional as F
 
 from epmq.io import atomic_output_dir, atomic_write_json, provenance, sha256_file
+from epmq.progress import progress
 from epmq.suites.common import (
     config_digest,
     read_suite_yaml,
@@ -694,7 +695,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
     params = [p for p in model.parameters() if p.requires_grad] + ([weight, bias] if spec["train_head"] else [])
     model.train()
     losses = []
-    for idx in batches:
+    for idx in progress(batches, f"fine-tuning {task}", unit="step"):
         width = int(train_tokens["attention_mask"][idx].sum(1).max())
         batch = {k: v[idx, :width] for k, v in train_tokens.items()}
         logits = pooled_features(model, batch, cfg["model"]["normalize"]) @ weight.T + bias
