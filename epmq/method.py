@@ -42,7 +42,7 @@ class EPMQ(QuantMethod):
             return LayerResult(problem.target.float(), record)
         rounded = gptq_round(
             problem.target, problem.hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"],
-            p["static_groups"], hessian_factor=problem.factor,
+            p["static_groups"], hessian_factor=problem.factor, group_fit=p["group_fit"],
         )
         record["objective_after"] = problem.objective(rounded.weight, torch.float32) / tokens
         return LayerResult(rounded, record)

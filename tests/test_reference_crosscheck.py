@@ -4,8 +4,8 @@ Per-layer output error: ``||(Q - W) X||_F / ||W X||_F`` with ``X`` the layer's i
 model on the calibration data, for the weights each implementation produced from the same model,
 data, bits, group size, damping and act-order setting. llm-compressor fits group grids once on the
 unmodified weight and collects a block's statistics in one pass; with those two variants switched
-on, ours must agree within 5% on every layer. Our defaults (grids fitted on error-updated columns,
-true-sequential) are checked to be no worse in total.
+on, ours must agree within 5% on every layer. Our defaults (grids fitted on the columns at block
+start as IST-DASLab's reference does, true-sequential) are checked to be no worse in total.
 
 AWQ folds scales into norms and preceding linears, so each implementation's stored weight ``Q``
 stands for the fp weight ``diag(s_out) Q diag(1/s_in)``: the per-layer error compares that
