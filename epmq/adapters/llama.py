@@ -19,12 +19,12 @@ class LlamaAdapter(ModelAdapter):
     awq_no_clip = ("q_proj", "k_proj")
 
     def awq_groups(self, block):
-        groups = [AwqGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+        groups = [AwqGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")]
         # Under grouped-query attention v_proj has fewer output channels than o_proj has inputs:
         # one v channel feeds several heads, so no per-channel fold exists (as in llm-awq).
         if block.self_attn.v_proj.out_features == block.self_attn.o_proj.in_features:
             groups.append(AwqGroup("self_attn.v_proj", ("self_attn.o_proj",)))
-        groups.append(AwqGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+        groups.append(AwqGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"))
         # down_proj's input is act(gate) * up: scaling up's output channels by 1/s is exact.
         groups.append(AwqGroup("mlp.up_proj", ("mlp.down_proj",)))
         return groups
