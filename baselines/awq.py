@@ -40,20 +40,9 @@ import math
 import torch
 from torch import nn
 
+from epmq.activations import ScaledActivation
 from epmq.grid import rtn_quantize
 from epmq.methods import LayerResult, QuantMethod, register_method
-
-
-class ScaledActivation(nn.Module):
-    """``act(x) / s`` per channel: lets AWQ fold ``1/s`` after a non-homogeneous activation."""
-
-    def __init__(self, act: nn.Module, scales: torch.Tensor):
-        super().__init__()
-        self.act = act
-        self.scales = nn.Parameter(scales.detach().clone(), requires_grad=False)
-
-    def forward(self, x):
-        return self.act(x) / self.scales.to(x.dtype)
 
 
 def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, grid: str) -> torch.Tensor:
