@@ -35,8 +35,15 @@ MERGE_LABELS = {
     "ties": "TIES-Merging", "wudi": "WUDI-Merging",
 }
 METHOD_LABELS = {
-    "rtn": "w/ RTN", "gptq": "w/ GPTQ", "awq": "w/ AWQ", "epmq": "w/ E-PMQ", "epmq_fp": "w/ E-PMQ target W* (fp)",
+    "rtn": "w/ RTN", "gptq": "w/ GPTQ", "awq": "w/ AWQ", "epmq": "w/ E-PMQ",
+    "epmq_fp": "E-PMQ's sequential continuous relaxation (W*, fp)",
 }
+#: what the epmq_fp row is, printed under every table that has it
+RELAXATION_NOTE = (
+    "E-PMQ's sequential continuous relaxation: every linear replaced by its unrounded E-PMQ target W*, "
+    "each W* computed on the inputs produced by the unrounded W* layers before it; not the E-PMQ model "
+    "minus its rounding, whose later layers see the outputs of rounded layers."
+)
 REFERENCE_LABELS = {"pretrained": "Pre-trained", "finetuned": "Fine-tuned"}
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper_tables.csv"
 #: second published reference: FusionBench's own numbers for the same experts and merges
@@ -178,7 +185,7 @@ def methods_table(df: pd.DataFrame, spec: dict, paper: PaperNumbers) -> Table:
                 row.paper = paper.row(setting, f"{merge}/{method}", keys)
                 row.others = paper.others(setting, f"{merge}/{method}", keys)
                 rows.append(row)
-    return Table(spec["caption"], columns, rows)
+    return Table(spec["caption"], columns, rows, [RELAXATION_NOTE] if "epmq_fp" in spec["methods"] else [])
 
 
 def suites_table(df: pd.DataFrame, spec: dict, paper: PaperNumbers) -> Table:
@@ -204,6 +211,7 @@ def suites_table(df: pd.DataFrame, spec: dict, paper: PaperNumbers) -> Table:
         for method in spec["methods"]:
             rows.append(row_over_suites(METHOD_LABELS.get(method, method), f"{merge}/{method}", merged, merge=merge, method=method))
     notes = ["Average accuracy over each suite's tasks; stderr column: the largest of the row."]
+    notes += [RELAXATION_NOTE] if "epmq_fp" in spec["methods"] else []
     return Table(spec["caption"], columns, rows, notes)
 
 
