@@ -1,39 +1,52 @@
 """AWQ (Lin et al., 2024): activation-aware scaling and clipping, then the min-max grid.
 
-Per block, on the inputs of the fp model (references: mit-han-lab/llm-awq ``auto_scale.py`` and
-``auto_clip.py``, AutoAWQ; method.md section 4):
+Per block, on the inputs of the fp model, as mit-han-lab/llm-awq's ``auto_scale.py`` and
+``auto_clip.py`` run it (method.md section 4; README "AWQ" for what differs per family):
 
-1. for each scaling group the adapter declares (linears sharing one input, and the norm or linear
+1. for each scaling group the adapter declares (linears sharing one input, and the module
    producing it), search ``s = x_mean^r`` (AutoAWQ's duo scaling divides by ``w_mean^(1-r)``) for
-   ``r`` in ``{0, 1/n_grid, ...}``, normalised by ``sqrt(max s * min s)``, minimising the MSE of the
-   block's output when the group's weights are replaced by ``Q(W diag s) diag(s)^-1``; then fold
-   ``1/s`` into the previous module, which leaves the fp function unchanged;
+   ``r`` in ``{0, 1/n_grid, ..., (n_grid-1)/n_grid}``, normalised by ``sqrt(max s * min s)``,
+   minimising the MSE of the output of the module the group *inspects* (the attention for q/k/v,
+   the MLP for gate/up, the linear itself otherwise) when the group's weights are replaced by
+   ``Q(W diag s) diag(s)^-1``. Every group is searched on the unscaled block, then every scale is
+   folded (``1/s`` into the previous module, which leaves the fp function unchanged);
 2. for every linear except queries and keys, search a clip of each (row, group) absmax among
    ``(1 - i/clip_grid)``, ``i < clip_max_shrink * clip_grid``, minimising the group's output error
-   on sampled tokens;
-3. round to the grid (RTN on the scaled, clipped weight).
+   on the tokens at stride ``n // clip_tokens``; all searches read the scaled, unclipped
+   block, then every clip is applied;
+3. round to the grid.
 
-The scale search's block-output loss runs 1 + n_grid block forwards per group over the calibration
-inputs. ``search_samples`` (default: all, as the references) bounds the samples that loss reads, whole
-calibration batches spread evenly over the tasks, for CPU budgets; ``x_mean`` and the clip search
-always read every token.
+``Q`` is llm-awq's pseudo-quantizer, whose range is the group's true min and max
+(``grid: true_range``; ``zero_inclusive`` is GPTQ's grid, which widens the range to include 0).
+``loss: block`` measures the whole block's output for every group instead.
 
-Linears in no scaling group (e.g. CLIP's fc2 after quick_gelu) get steps 2 and 3 only.
+Memory does not grow with the calibration set: ``x_mean`` is a running per-channel sum, the loss of
+every candidate is summed batch by batch (one block forward per batch captures the inspected
+modules' inputs and fp outputs; the candidates then re-run only those modules), and the clip
+search keeps only its sampled tokens. ``search_samples`` (default: all, as the references) bounds
+the samples that loss reads, whole calibration batches spread evenly over the tasks, for CPU
+budgets; ``x_mean`` and the clip search always read every batch.
+
+Linears in no scaling group (e.g. CLIP's fc2 after quick_gelu, unless ``scale_activation``) get
+steps 2 and 3 only. With ``scale_activation`` the activation before such a linear is wrapped in
+:class:`ScaledActivation` (llm-awq's ``ScaledActivation``: ``act(x) / s``), so the linear is scaled too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
+from epmq.activations import ScaledActivation
 from epmq.grid import rtn_quantize
 from epmq.methods import LayerResult, QuantMethod, register_method
 
 
-def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    return rtn_quantize(weight, bits, group_size, sym).weight.to(weight.dtype)
+def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, grid: str) -> torch.Tensor:
+    return rtn_quantize(weight, bits, group_size, sym, grid).weight.to(weight.dtype)
 
 
 def weight_magnitude(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -54,18 +67,22 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
     return scales / (scales.max() * scales.min()).sqrt()
 
 
-def fold_scales(previous: nn.Module, linears: list[nn.Linear], scales: torch.Tensor) -> None:
+def fold_scales(block: nn.Module, previous_name: str, linears: list[nn.Linear], scales: torch.Tensor) -> None:
     """Multiply the linears' input columns by ``s`` and divide ``previous``'s outputs by ``s``.
 
-    ``previous`` is a norm (weight, optional bias) or a linear (its rows and bias); either way the
-    composed function is unchanged.
+    ``previous`` is a norm (weight, optional bias), a linear (its rows and bias) or an activation,
+    which is wrapped in a :class:`ScaledActivation`; either way the composed function is unchanged.
     """
+    previous = block.get_submodule(previous_name)
     scales = scales.to(linears[0].weight.dtype)
     if isinstance(previous, nn.Linear):
         previous.weight.div_(scales[:, None])
-    else:
+    elif hasattr(previous, "weight"):
         previous.weight.div_(scales)
-    if getattr(previous, "bias", None) is not None:
+    else:
+        parent, _, attribute = previous_name.rpartition(".")
+        setattr(block.get_submodule(parent), attribute, ScaledActivation(previous, scales))
+    if isinstance(getattr(previous, "bias", None), torch.Tensor):
         previous.bias.div_(scales)
     for linear in linears:
         linear.weight.mul_(scales[None, :])
@@ -73,7 +90,7 @@ def fold_scales(previous: nn.Module, linears: list[nn.Linear], scales: torch.Ten
 
 def search_clip(
     weight: torch.Tensor, inputs: torch.Tensor, bits: int, group_size: int, sym: bool,
-    grid: int, max_shrink: float, rows_per_batch: int = 256,
+    grid: int, max_shrink: float, quantizer_grid: str = "true_range", rows_per_batch: int = 256,
 ) -> torch.Tensor:
     """Best clip threshold per (row, group): minimises ``||Q(clamp(w)) x - w x||^2`` over the group."""
     d_out, d_in = weight.shape
@@ -93,8 +110,8 @@ def search_clip(
         for step in range(int(max_shrink * grid)):
             limit = absmax * (1 - step / grid)
             clipped = torch.maximum(torch.minimum(w_groups, limit[..., None]), -limit[..., None])
-            quantized = pseudo_quantize(clipped.reshape(rows, d_in), bits, group_size, sym).reshape(rows, -1, size)
-            error = (torch.einsum("rgc,tgc->rtg", quantized, x) - reference).pow(2).mean(dim=1)
+            quantized = pseudo_quantize(clipped.reshape(rows, d_in), bits, group_size, sym, quantizer_grid)
+            error = (torch.einsum("rgc,tgc->rtg", quantized.reshape(rows, -1, size), x) - reference).pow(2).mean(dim=1)
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best_max = torch.where(better, limit, best_max)
@@ -121,6 +138,93 @@ def search_subset(inputs: list, samples: int | None) -> list:
     return [inputs[int(i * stride)] for i in range(keep)]
 
 
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class _Hooks:
+    """Forward hooks on submodules of a block for one pass, removed on exit."""
+
+    def __init__(self):
+        self.handles = []
+
+    def pre(self, module, hook, with_kwargs=False):
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
+    def post(self, module, hook):
+        self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _counted_tokens(context, name, batch, x):
+    """The tokens of ``x`` (a linear's input) that count in its statistics (padding left out)."""
+    mask = context.adapter.input_mask(context.stack, name, batch)
+    if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+        x = x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def input_means_and_counts(context, first_linears: list[str], names: list[str]):
+    """Per-channel ``mean |x|`` of each of ``first_linears``' inputs, and every linear's token count,
+    streamed over every calibration batch (llm-awq's ``get_act_scale``)."""
+    sums = {name: None for name in first_linears}
+    counts = dict.fromkeys(names, 0)
+    batch = {}
+
+    def hook(name):
+        def accumulate(module, args):
+            x = _counted_tokens(context, name, batch["current"], args[0])
+            counts[name] += x.shape[0]
+            if name in sums:
+                total = x.abs().sum(dim=0, dtype=torch.float64)
+                sums[name] = total if sums[name] is None else sums[name] + total
+
+        return accumulate
+
+    with _Hooks() as hooks:
+        for name in names:
+            hooks.pre(context.block.get_submodule(name), hook(name))
+        for block_input in context.all_inputs():
+            batch["current"] = block_input.batch
+            context.run(block_input)
+    means = {name: (sums[name] / max(counts[name], 1)).float() for name in first_linears}
+    return means, counts
+
+
+def sampled_tokens(context, counts: dict[str, int], tokens: int) -> dict[str, torch.Tensor]:
+    """The inputs of each linear at stride ``n // tokens`` over its ``n`` counted tokens (llm-awq's
+    ``input_feat[:, 0::n // n_sample_token]``: between ``tokens`` and ``2 tokens - 1`` of them;
+    stride 1 below ``tokens``, where llm-awq fails), gathered batch by batch."""
+    strides = {name: max(1, count // tokens) for name, count in counts.items()}
+    chunks = {name: [] for name in counts}
+    seen = dict.fromkeys(counts, 0)
+    batch = {}
+
+    def hook(name):
+        def gather(module, args):
+            x = _counted_tokens(context, name, batch["current"], args[0])
+            first = -seen[name] % strides[name]
+            rows = torch.arange(first, x.shape[0], strides[name], device=x.device)
+            chunks[name].append(x[rows].clone())
+            seen[name] += x.shape[0]
+
+        return gather
+
+    with _Hooks() as hooks:
+        for name in counts:
+            hooks.pre(context.block.get_submodule(name), hook(name))
+        for block_input in context.all_inputs():
+            batch["current"] = block_input.batch
+            context.run(block_input)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
 @register_method("awq")
 class AWQ(QuantMethod):
     collects_statistics = False
@@ -138,62 +242,105 @@ class AWQ(QuantMethod):
     def prepare_block(self, context) -> None:
         p, awq = self.params, self.params["awq"]
         block, adapter = context.block, context.adapter
+        groups = adapter.awq_groups(block)
+        if awq["scale_activation"]:
+            groups = groups + adapter.awq_activation_groups(block)
+        names = [name for name, module in block.named_modules() if isinstance(module, nn.Linear)]
         with torch.no_grad():
-            search_inputs = search_subset(context.all_inputs(), awq["search_samples"])
-            targets = [context.hidden(context.run(x)) for x in search_inputs]
-            for group in adapter.awq_groups(block):
-                self._scale_group(context, group, search_inputs, targets, p, awq)
+            x_means, counts = input_means_and_counts(context, [group.linears[0] for group in groups], names)
+            best = self._search_scales(context, groups, x_means, p, awq)
+            for group, scales in zip(groups, best):
+                linears = [block.get_submodule(name) for name in group.linears]
+                fold_scales(block, group.previous, linears, scales)
+                if group.previous in names:
+                    self.output_scales[f"{context.prefix}.{group.previous}"] = scales.detach().cpu()
+                for name in group.linears:
+                    self.input_scales[f"{context.prefix}.{name}"] = scales.detach().cpu()
             if awq["clip"]:
-                for name, linear in block.named_modules():
-                    if isinstance(linear, nn.Linear) and not name.endswith(adapter.awq_no_clip):
-                        inputs = context.linear_inputs(name)
-                        tokens = inputs[:: max(1, inputs.shape[0] // awq["clip_tokens"])][: awq["clip_tokens"]]
-                        limits = search_clip(linear.weight.detach(), tokens, p["bits"], p["group_size"], p["sym"],
-                                             awq["clip_grid"], awq["clip_max_shrink"])
-                        apply_clip(linear, limits)
+                clipped = [name for name in names if not name.endswith(adapter.awq_no_clip)]
+                tokens = sampled_tokens(context, {name: counts[name] for name in clipped}, awq["clip_tokens"])
+                limits = {
+                    name: search_clip(block.get_submodule(name).weight.detach(), tokens.pop(name), p["bits"],
+                                      p["group_size"], p["sym"], awq["clip_grid"], awq["clip_max_shrink"], awq["grid"])
+                    for name in clipped
+                }
+                for name, limit in limits.items():
+                    apply_clip(block.get_submodule(name), limit)
 
-    def _scale_group(self, context, group, search_inputs, targets, p, awq):
+    def _search_scales(self, context, groups, x_means, p, awq) -> list[torch.Tensor]:
+        """The best scales of every group, each searched on the unscaled block; the loss of every
+        candidate is summed batch by batch."""
         block = context.block
-        linears = [block.get_submodule(name) for name in group.linears]
-        inputs = context.linear_inputs(group.linears[0])
-        x_mean = inputs.abs().float().mean(dim=0)
-        w_mean = weight_magnitude([lin.weight for lin in linears], p["group_size"]) if awq["duo_scaling"] else None
-        originals = [lin.weight.detach().clone() for lin in linears]
+        inspected = ["" if awq["loss"] == "block" else group.inspected for group in groups]
+        candidates = []
+        for group in groups:
+            linears = [block.get_submodule(name) for name in group.linears]
+            w_mean = weight_magnitude([lin.weight for lin in linears], p["group_size"]) if awq["duo_scaling"] else None
+            x_mean = x_means[group.linears[0]]
+            candidates.append([candidate_scales(x_mean, w_mean, step / awq["n_grid"]) for step in range(awq["n_grid"])])
+        losses = [[0.0] * awq["n_grid"] for _ in groups]
+        elements = [0] * len(groups)
+        captured: dict[str, list] = {}
 
-        def loss(scales):
-            for linear, original in zip(linears, originals):
-                scaled = original * scales[None, :].to(original.dtype)
-                linear.weight.copy_(pseudo_quantize(scaled, p["bits"], p["group_size"], p["sym"]) / scales[None, :])
-            error = sum(
-                float((context.hidden(context.run(x)) - target).float().pow(2).sum())
-                for x, target in zip(search_inputs, targets)
-            )
-            return error / sum(t.numel() for t in targets)
+        def keep_input(name):
+            def hook(module, args, kwargs):
+                captured[name] = [args, kwargs, None]
 
-        ones = torch.ones_like(x_mean)
-        best = (loss(ones), ones, None)
-        rtn_loss = best[0]
-        for step in range(awq["n_grid"]):
-            ratio = step / awq["n_grid"]
-            scales = candidate_scales(x_mean, w_mean, ratio)
-            current = loss(scales)
-            if current < best[0]:
-                best = (current, scales, ratio)
-        for linear, original in zip(linears, originals):
-            linear.weight.copy_(original)
-        previous = block.get_submodule(group.previous)
-        fold_scales(previous, linears, best[1])
-        if isinstance(previous, nn.Linear):
-            self.output_scales[f"{context.prefix}.{group.previous}"] = best[1].detach().cpu()
-        for name in group.linears:
-            self.input_scales[f"{context.prefix}.{name}"] = best[1].detach().cpu()
-            self.search_log[f"{context.prefix}.{name}"] = {
-                "awq_ratio": best[2], "objective_before": rtn_loss, "objective_after": best[0]
-            }
+            return hook
+
+        def keep_output(name):
+            def hook(module, args, kwargs, output):
+                captured[name][2] = _hidden(output)
+
+            return hook
+
+        for block_input in search_subset(context.all_inputs(), awq["search_samples"]):
+            captured.clear()
+            with _Hooks() as hooks:
+                for name in dict.fromkeys(inspected):
+                    module = block.get_submodule(name)
+                    hooks.pre(module, keep_input(name), with_kwargs=True)
+                    hooks.post(module, keep_output(name))
+                context.run(block_input)
+            for position, (group, name) in enumerate(zip(groups, inspected)):
+                args, kwargs, target = captured[name]
+                module = block.get_submodule(name)
+                elements[position] += target.numel()
+                with self._restored(block, group.linears) as linears:
+                    for step, scales in enumerate(candidates[position]):
+                        for linear, original in linears:
+                            scaled = original * scales[None, :].to(original.dtype)
+                            quantized = pseudo_quantize(scaled, p["bits"], p["group_size"], p["sym"], awq["grid"])
+                            linear.weight.copy_(quantized / scales[None, :].to(original.dtype))
+                        error = (_hidden(module(*args, **kwargs)) - target).float().pow(2).sum()
+                        losses[position][step] += float(error)
+        best = []
+        for position, group in enumerate(groups):
+            mean_losses = [loss / max(elements[position], 1) for loss in losses[position]]
+            step = min(range(len(mean_losses)), key=mean_losses.__getitem__)  # first minimum, as llm-awq
+            best.append(candidates[position][step])
+            for name in group.linears:
+                self.search_log[f"{context.prefix}.{name}"] = {
+                    "awq_ratio": step / awq["n_grid"], "objective_before": mean_losses[0],
+                    "objective_after": mean_losses[step],
+                }
+        return best
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _restored(block, names):
+        """The named linears with copies of their weights, restored on exit."""
+        linears = [(block.get_submodule(name), block.get_submodule(name).weight.detach().clone()) for name in names]
+        try:
+            yield linears
+        finally:
+            for linear, original in linears:
+                linear.weight.copy_(original)
 
     def quantize(self, name, weight, stats):
         p = self.params
-        return LayerResult(rtn_quantize(weight, p["bits"], p["group_size"], p["sym"]), self.search_log.pop(name, {}))
+        return LayerResult(rtn_quantize(weight, p["bits"], p["group_size"], p["sym"], p["awq"]["grid"]),
+                           self.search_log.pop(name, {}))
 
     def describe(self):
         return {**{key: self.params[key] for key in ("bits", "group_size", "sym")}, "awq": self.params["awq"]}

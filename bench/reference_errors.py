@@ -3,7 +3,9 @@
 The same setting as tests/test_reference_crosscheck.py (which asserts the bounds): the small
 outlier Llama, 16 calibration sequences of 32 tokens, 4 bits, group size 32, damping 0.01. Prints,
 summed over the 14 linears, ``||(W_eff - W) X|| / ||W X||`` for the reference, ours with the
-reference's variants, ours with our defaults (and RTN for AWQ), and the worst per-layer ratio.
+reference's variants, ours with our defaults and our other variants (GPTQ: grids fitted on the
+error-updated columns; AWQ: llm-awq's procedure, the default, and the block-output loss), RTN for
+AWQ, and the worst per-layer ratio.
 
     python bench/reference_errors.py
 """
@@ -45,9 +47,11 @@ def main() -> None:
         matched = relative_output_errors(
             model, tasks, ours(model, tasks, act_order=act_order, static_groups=True, true_sequential=False))
         default = relative_output_errors(model, tasks, ours(model, tasks, act_order=act_order))
+        current = relative_output_errors(model, tasks, ours(model, tasks, act_order=act_order, group_fit="current"))
         worst = max(abs(matched[name] / ref[name] - 1) for name in ref)
-        print(f"GPTQ act_order={act_order}: summed error reference {sum(ref.values()):.4f}, ours matched "
-              f"{sum(matched.values()):.4f}, ours defaults {sum(default.values()):.4f}; "
+        print(f"GPTQ act_order={act_order}: summed error llm-compressor {sum(ref.values()):.4f}, ours matched "
+              f"{sum(matched.values()):.4f}, ours defaults (grids fitted at block start, IST-DASLab) "
+              f"{sum(default.values()):.4f}, ours group_fit=current {sum(current.values()):.4f}; "
               f"largest per-layer |matched/reference - 1| {worst:.4f}")
 
     reference = run_llmcompressor_awq(model, ids, bits=BITS, group_size=GROUP, sym=False)
@@ -63,11 +67,13 @@ def main() -> None:
         weights = {name: layer.weight for name, layer in result.replacements.items()}
         return relative_output_errors(model, tasks, weights, method.input_scales, method.output_scales)
 
-    matched, default = ours_awq(duo_scaling=True, clip=False), ours_awq()
-    print(f"AWQ: summed error reference {sum(ref.values()):.4f}, ours matched {sum(matched.values()):.4f}, "
-          f"ours defaults {sum(default.values()):.4f}, RTN {sum(rtn.values()):.4f}; worst per-layer ratio to "
-          f"the reference: matched {max(matched[n] / ref[n] for n in ref):.3f}, defaults "
-          f"{max(default[n] / ref[n] for n in ref):.3f}")
+    matched = ours_awq(duo_scaling=True, clip=False, grid="zero_inclusive")
+    default, block = ours_awq(), ours_awq(loss="block", grid="zero_inclusive")
+    print(f"AWQ: summed error llm-compressor {sum(ref.values()):.4f}, ours matched to it "
+          f"{sum(matched.values()):.4f}, ours defaults (llm-awq) {sum(default.values()):.4f}, ours block-output "
+          f"loss with GPTQ's grid (the previous default) {sum(block.values()):.4f}, RTN {sum(rtn.values()):.4f}; "
+          f"worst per-layer ratio to llm-compressor: matched {max(matched[n] / ref[n] for n in ref):.3f}, "
+          f"defaults {max(default[n] / ref[n] for n in ref):.3f}, block {max(block[n] / ref[n] for n in ref):.3f}")
 
 
 if __name__ == "__main__":

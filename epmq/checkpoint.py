@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from epmq.activations import wrap_scaled_activations
 from epmq.checkpoint_validation import validate_quantization_info, validate_quantized_state
 from epmq.grid import QuantizedWeight, pack_codes, unpack_codes
 from epmq.io import (
@@ -154,6 +155,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     model = cls(config).to(getattr(torch, info.get("dtype", "float32")))
     validate_quantized_state(LazyCheckpoint(path), info["layers"], model)
     state = dequantized_state(LazyCheckpoint(path), info["layers"])
+    wrap_scaled_activations(model, state, {key: tuple(value.shape) for key, value in state.items()})  # AWQ
     expected = model.state_dict()
     state = {key: value.to(expected[key].dtype) if key in expected else value for key, value in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)

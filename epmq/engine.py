@@ -79,32 +79,6 @@ class BlockContext:
     def hidden(self, output) -> torch.Tensor:
         return self.adapter.block_output(output)
 
-    def linear_inputs(self, name: str) -> torch.Tensor:
-        """Every counted token (n x d_in) that reaches linear ``name`` (relative to the block)."""
-        chunks = []
-        stats = _TokenCollector(chunks)
-        masks = {}
-        handle = self.block.get_submodule(name).register_forward_pre_hook(_accumulator(stats, masks, name, stop=True))
-        try:
-            for block_input in self.all_inputs():
-                masks[name] = self.adapter.input_mask(self.stack, name, block_input.batch)
-                with contextlib.suppress(_StopForward):
-                    self.run(block_input)
-        finally:
-            handle.remove()
-        tokens = torch.cat(chunks) if chunks else None
-        if tokens is None or not tokens.shape[0]:
-            raise ValueError(f"no calibration token reaches {self.prefix}.{name} (every mask is zero)")
-        return tokens
-
-
-class _TokenCollector:
-    def __init__(self, chunks: list):
-        self.chunks = chunks
-
-    def add_batch(self, tokens: torch.Tensor) -> None:
-        self.chunks.append(tokens)
-
 
 @contextlib.contextmanager
 def _tf32_off():

@@ -50,6 +50,28 @@ def fit_scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor,
     return scale, zero
 
 
+def fit_scale_zero_true_range(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """AWQ's grid (mit-han-lab/llm-awq ``quantizer.py``, ``pseudo_quantize_tensor``): the row's true
+    min and max, not widened to include 0.
+
+    Asymmetric: ``scale = max(xmax - xmin, 1e-5) / maxq``, ``zero = clamp(round(-xmin / scale), 0, maxq)``.
+    Symmetric: ``scale = max(absmax, 1e-5) / (2^(bits-1) - 1)`` with signed codes in
+    ``[-2^(bits-1), 2^(bits-1) - 1]``, stored shifted by ``zero = 2^(bits-1)``.
+    """
+    maxq = max_code(bits)
+    if sym:
+        half = 2 ** (bits - 1)
+        scale = w.abs().amax(dim=1).clamp(min=1e-5) / (half - 1)
+        return scale, torch.full_like(scale, half)
+    xmin, xmax = w.amin(dim=1), w.amax(dim=1)
+    scale = (xmax - xmin).clamp(min=1e-5) / maxq
+    return scale, torch.round(-xmin / scale).clamp(0, maxq)
+
+
+#: the grids a quantizer can fit: GPTQ's (range widened to include 0) or AWQ's (true min/max)
+GRID_FITS = {"zero_inclusive": fit_scale_zero, "true_range": fit_scale_zero_true_range}
+
+
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes in [0, 2^bits - 1] (same dtype as ``x``); ``scale``/``zero`` broadcast against ``x``."""
     return torch.clamp(torch.round(x / scale) + zero, 0, max_code(bits))
@@ -98,8 +120,14 @@ class QuantizedWeight:
         return tuple(self.codes.shape)
 
 
-def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = False) -> QuantizedWeight:
-    """Round-to-nearest on the min-max grid of each row group: no calibration data."""
+def rtn_quantize(
+    weight: torch.Tensor, bits: int, group_size: int, sym: bool = False, grid: str = "zero_inclusive"
+) -> QuantizedWeight:
+    """Round-to-nearest on the min-max grid of each row group: no calibration data.
+
+    ``grid`` names the scale/zero fit (:data:`GRID_FITS`): GPTQ's by default, ``true_range`` for AWQ.
+    """
+    fit = GRID_FITS[grid]
     w = weight.detach().float()
     d_out, d_in = w.shape
     g_idx = group_index(d_in, group_size)
@@ -110,7 +138,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool = F
     zeros = torch.empty_like(scales)
     for group in range(n_groups):
         cols = slice(group * size, min((group + 1) * size, d_in))
-        scale, zero = fit_scale_zero(w[:, cols], bits, sym)
+        scale, zero = fit(w[:, cols], bits, sym)
         codes[:, cols] = quantize_codes(w[:, cols], scale[:, None], zero[:, None], bits)
         scales[:, group], zeros[:, group] = scale, zero
     return QuantizedWeight(codes.to(torch.uint8), scales, zeros.to(torch.uint8), g_idx, bits, group_size, sym)

@@ -1,8 +1,10 @@
 """E-PMQ (paper Algorithm 1): expert-guided targets with merged-weight anchoring, on GPTQ's solver.
 
-``epmq`` rounds ``W* = R H^-1`` with ``H = H_q + lam I``; ``epmq_fp`` keeps ``W*`` unrounded, which
-separates how much of E-PMQ's gain comes from correcting the merge (the target) and how much from
-the rounding.
+``epmq`` rounds ``W* = R H^-1`` with ``H = H_q + lam I``; ``epmq_fp`` keeps ``W*`` unrounded. Since
+the engine runs each block on the outputs of the blocks already replaced, the later layers of
+``epmq_fp`` see inputs produced by the unrounded ``W*`` layers before them: it is E-PMQ's
+*sequential continuous relaxation*, not the E-PMQ model minus its rounding (whose later targets are
+computed on the outputs of rounded layers).
 """
 
 import torch
@@ -42,7 +44,7 @@ class EPMQ(QuantMethod):
             return LayerResult(problem.target.float(), record)
         rounded = gptq_round(
             problem.target, problem.hessian, p["bits"], p["group_size"], p["sym"], p["act_order"], p["block_size"],
-            p["static_groups"], hessian_factor=problem.factor,
+            p["static_groups"], hessian_factor=problem.factor, group_fit=p["group_fit"],
         )
         record["objective_after"] = problem.objective(rounded.weight, torch.float32) / tokens
         return LayerResult(rounded, record)
@@ -53,7 +55,8 @@ class EPMQ(QuantMethod):
 
 @register_method("epmq_fp")
 class EPMQUnrounded(EPMQ):
-    """The E-PMQ target ``W*`` itself, left in full precision (an analysis row, not a quantizer)."""
+    """E-PMQ's sequential continuous relaxation: every target ``W*`` left in full precision, each
+    computed on the outputs of the unrounded ``W*`` layers before it (an analysis row, not a quantizer)."""
 
     round_target = False
 

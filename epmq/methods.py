@@ -121,6 +121,6 @@ class QuantMethod:
 
     def describe(self) -> dict:
         """Parameters recorded in ``quantization.json``."""
-        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "true_sequential", "block_size", "percdamp",
-                "hessian_dtype")
+        keys = ("bits", "group_size", "sym", "act_order", "static_groups", "group_fit", "true_sequential", "block_size",
+                "percdamp", "hessian_dtype")
         return {key: self.params[key] for key in keys}

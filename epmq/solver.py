@@ -12,10 +12,14 @@ GPTQ and E-PMQ are the same call with different statistics (method.md section 2)
 The solver adds no damping itself; a Hessian that is not positive definite is an error
 (:class:`NotPositiveDefiniteError`), and callers decide how to damp.
 
-Differences from the reference implementation, both in the direction of the stated algorithm:
-a group's scale and zero are fitted on the *current* columns, i.e. including the error updates
-made earlier inside the same 128-column block (the reference reads the block's columns as they
-were when the block started); and the Cholesky factorisation runs in float64.
+A group's scale and zero are fitted, by default, on the group's columns as they were when the
+``block_size``-column block started, as the reference does (IST-DASLab/gptq ``gptq.py`` calls
+``find_params`` on ``W``, which receives the block's error updates only when the block ends; AutoGPTQ
+and GPTQModel do the same). ``group_fit="current"`` fits them instead on the error-updated columns
+(including the updates made earlier inside the same block), the stated algorithm read literally;
+the two agree when groups start at block starts (group size a multiple of ``block_size``) and
+differ for group 32. The one remaining difference from the reference: the Cholesky factorisations
+run in float64.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from epmq.grid import (
     group_index,
     quantize_codes,
 )
+
+
+#: where a group's scale and zero are fitted: the reference's columns at block start, or the current ones
+GROUP_FITS = ("block_start", "current")
 
 
 class NotPositiveDefiniteError(ValueError):
@@ -71,6 +79,7 @@ def gptq_round(
     block_size: int = 128,
     static_groups: bool = False,
     hessian_factor: torch.Tensor | None = None,
+    group_fit: str = "block_start",
 ) -> QuantizedWeight:
     """Round ``target`` (d_out x d_in) onto the grid minimising ``tr((Q - T) H (Q - T)^T)``.
 
@@ -81,7 +90,8 @@ def gptq_round(
     does); act-order then only changes the processing order. Returns a :class:`QuantizedWeight`
     whose ``.weight`` is the dequantized result in the target's column order. ``hessian_factor``
     (the lower Cholesky factor of ``hessian``, if the caller computed it) saves one factorisation;
-    it is ignored when dead columns or act-order change the Hessian.
+    it is ignored when dead columns or act-order change the Hessian. ``group_fit`` is
+    ``"block_start"`` (the reference) or ``"current"`` (see the module docstring).
     """
     if target.dim() != 2:
         raise ValueError(f"target must be 2-D (d_out x d_in), got shape {tuple(target.shape)}")
@@ -95,13 +105,10 @@ def gptq_round(
     size = d_in if group_size == -1 else group_size
     if size <= 0:
         raise ValueError(f"group_size must be positive or -1, got {group_size}")
+    if group_fit not in GROUP_FITS:
+        raise ValueError(f"group_fit must be one of {GROUP_FITS}, got {group_fit!r}")
 
-    w = target.detach().to(torch.float32).clone()
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+    w, h, dead = zero_dead_columns(target.detach().to(torch.float32), hessian.detach().to(torch.float64))
     static = _static_group_grids(w, bits, size, sym) if static_groups else None
     perm = None
     if act_order:
@@ -125,7 +132,11 @@ def gptq_round(
                 group = int(perm[column] if perm is not None else column) // size
                 scale, zero = static[0][:, group], static[1][:, group]
             elif column % size == 0:
-                scale, zero = fit_scale_zero(_current_group(w, block, errors, u, i1, i2, i, size), bits, sym)
+                if group_fit == "block_start":  # w gets this block's updates only when the block ends
+                    columns = w[:, column : column + size]
+                else:
+                    columns = _current_group(w, block, errors, u, i1, i2, i, size)
+                scale, zero = fit_scale_zero(columns, bits, sym)
                 scales[:, column // size], zeros[:, column // size] = scale, zero
             q = quantize_codes(block[:, i], scale, zero, bits)
             codes[:, column] = q
@@ -142,6 +153,21 @@ def gptq_round(
     return QuantizedWeight(
         codes.to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(w.device), bits, group_size, sym
     )
+
+
+def zero_dead_columns(target: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's dead columns: where ``diag(H) == 0`` (no calibration signal) set ``H_jj = 1`` and
+    zero the target's column ``j``. Returns copies ``(target, hessian, dead mask)``.
+
+    The reference does this on the undamped Hessian, before damping (whose ``mean(diag H)`` then
+    counts the 1s); callers that damp must call it first.
+    """
+    w, h = target.clone(), hessian.clone()
+    dead = torch.diagonal(h) == 0
+    if dead.any():
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+    return w, h, dead
 
 
 def _static_group_grids(w, bits, size, sym):

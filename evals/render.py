@@ -11,8 +11,9 @@ Target kinds (``rules/schemas/config.schema.yaml``):
 
 Every quantized row shows its change against the fp merged model of the same merge, as the
 paper's arrows do; averages carry their standard error (binomial per task, combined). With
-``paper_table`` set, each row is followed by the published numbers of the same cells
-(``results/reference/paper_tables.csv``).
+``paper_table`` set, each row is followed by the published numbers of the same cells: the paper's
+(``results/reference/paper_tables.csv``) and, for the merges FusionBench publishes (Tables 1, 3
+and 7's fp rows), FusionBench's (``results/reference/fusionbench_tables.csv``).
 """
 
 from __future__ import annotations
@@ -34,10 +35,19 @@ MERGE_LABELS = {
     "ties": "TIES-Merging", "wudi": "WUDI-Merging",
 }
 METHOD_LABELS = {
-    "rtn": "w/ RTN", "gptq": "w/ GPTQ", "awq": "w/ AWQ", "epmq": "w/ E-PMQ", "epmq_fp": "w/ E-PMQ target W* (fp)",
+    "rtn": "w/ RTN", "gptq": "w/ GPTQ", "awq": "w/ AWQ", "epmq": "w/ E-PMQ",
+    "epmq_fp": "E-PMQ's sequential continuous relaxation (W*, fp)",
 }
+#: what the epmq_fp row is, printed under every table that has it
+RELAXATION_NOTE = (
+    "E-PMQ's sequential continuous relaxation: every linear replaced by its unrounded E-PMQ target W*, "
+    "each W* computed on the inputs produced by the unrounded W* layers before it; not the E-PMQ model "
+    "minus its rounding, whose later layers see the outputs of rounded layers."
+)
 REFERENCE_LABELS = {"pretrained": "Pre-trained", "finetuned": "Fine-tuned"}
 PAPER_TABLES = Path(__file__).resolve().parents[1] / "results" / "reference" / "paper_tables.csv"
+#: second published reference: FusionBench's own numbers for the same experts and merges
+SECOND_REFERENCES = {"FusionBench": PAPER_TABLES.with_name("fusionbench_tables.csv")}
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Row:
     stderr: float | None = None  # of the last cell (the average)
     section: bool = False  # starts a new block of the table
     paper: list[float | None] = field(default_factory=list)  # published values of the same cells
+    others: dict[str, list[float | None]] = field(default_factory=dict)  # other references' values
 
 
 @dataclass
@@ -58,19 +69,32 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-class PaperNumbers:
-    """Published cells of one paper table: ``get(setting, row, column)``."""
+def _published_cells(path: Path, table: int) -> dict[tuple[str, str, str], float]:
+    with path.open() as handle:
+        return {(record["setting"], record["row"], record["column"]): float(record["value"])
+                for record in csv.DictReader(handle) if int(record["table"]) == table}
 
-    def __init__(self, table: int | None, path: Path = PAPER_TABLES):
+
+class PaperNumbers:
+    """Published cells of one paper table: ``get(setting, row, column)``; ``others`` gives the
+    same cells from the second references (:data:`SECOND_REFERENCES`), where they publish them."""
+
+    def __init__(self, table: int | None, path: Path = PAPER_TABLES, second: dict[str, Path] | None = None):
         self.cells: dict[tuple[str, str, str], float] = {}
+        self.second: dict[str, dict[tuple[str, str, str], float]] = {}
         if table is None:
             return
-        with path.open() as handle:
-            for record in csv.DictReader(handle):
-                if int(record["table"]) == table:
-                    self.cells[(record["setting"], record["row"], record["column"])] = float(record["value"])
+        self.cells = _published_cells(path, table)
         if not self.cells:
             raise ValueError(f"{path} has no cells of table {table}")
+        for name, other in (SECOND_REFERENCES if second is None else second).items():
+            self.second[name] = _published_cells(other, table)
+
+    def others(self, setting: str, key: str | None, columns: list[str]) -> dict[str, list[float | None]]:
+        """``{reference: values}`` of the second references that publish any of these cells."""
+        rows = {name: [None if key is None else cells.get((setting, key, column)) for column in columns]
+                for name, cells in self.second.items()}
+        return {name: values for name, values in rows.items() if any(value is not None for value in values)}
 
     def __bool__(self) -> bool:
         return bool(self.cells)
@@ -133,6 +157,7 @@ def _reference_rows(df, spec, suite, tasks, paper, columns) -> list[Row]:
     for kind in spec["reference_rows"]:
         row = _model_row(_select(df, suite=suite, method=kind), tasks, REFERENCE_LABELS[kind])
         row.paper = paper.row(_setting(spec, suite), kind, columns)
+        row.others = paper.others(_setting(spec, suite), kind, columns)
         rows.append(row)
     return rows
 
@@ -152,14 +177,15 @@ def methods_table(df: pd.DataFrame, spec: dict, paper: PaperNumbers) -> Table:
         rows += _reference_rows(df, spec, suite, tasks, paper, keys)
         for merge in spec["merges"]:
             merged = _model_row(_select(df, suite=suite, merge=merge, method="fp"), tasks, MERGE_LABELS.get(merge, merge),
-                                section=True, paper=paper.row(setting, merge, keys))
+                                section=True, paper=paper.row(setting, merge, keys), others=paper.others(setting, merge, keys))
             rows.append(merged)
             for method in spec["methods"]:
                 row = _model_row(_select(df, suite=suite, merge=merge, method=method), tasks,
                                  METHOD_LABELS.get(method, method), merged)
                 row.paper = paper.row(setting, f"{merge}/{method}", keys)
+                row.others = paper.others(setting, f"{merge}/{method}", keys)
                 rows.append(row)
-    return Table(spec["caption"], columns, rows)
+    return Table(spec["caption"], columns, rows, [RELAXATION_NOTE] if "epmq_fp" in spec["methods"] else [])
 
 
 def suites_table(df: pd.DataFrame, spec: dict, paper: PaperNumbers) -> Table:
@@ -185,6 +211,7 @@ def suites_table(df: pd.DataFrame, spec: dict, paper: PaperNumbers) -> Table:
         for method in spec["methods"]:
             rows.append(row_over_suites(METHOD_LABELS.get(method, method), f"{merge}/{method}", merged, merge=merge, method=method))
     notes = ["Average accuracy over each suite's tasks; stderr column: the largest of the row."]
+    notes += [RELAXATION_NOTE] if "epmq_fp" in spec["methods"] else []
     return Table(spec["caption"], columns, rows, notes)
 
 
@@ -293,8 +320,20 @@ def _paper_cells(table: Table, row: Row) -> list[str] | None:
     return ["" if value is None else f"{value:.{_digits(table, i)}f}" for i, value in enumerate(row.paper)]
 
 
+def _reference_lines(table: Table, row: Row) -> list[tuple[str, list[str]]]:
+    """The published rows printed under ``row``: ``("paper", cells)``, then each second reference."""
+    lines = [("paper", cells)] if (cells := _paper_cells(table, row)) is not None else []
+    for name, values in row.others.items():
+        lines.append((name, ["" if value is None else f"{value:.{_digits(table, i)}f}" for i, value in enumerate(values)]))
+    return lines
+
+
 def _has_paper(table: Table) -> bool:
     return any(_paper_cells(table, row) for row in table.rows)
+
+
+def _second_references(table: Table) -> list[str]:
+    return sorted({name for row in table.rows for name in row.others})
 
 
 def to_markdown(table: Table) -> str:
@@ -305,12 +344,15 @@ def to_markdown(table: Table) -> str:
         label = f"**{row.label}**" if row.section else row.label
         stderr = f"{row.stderr:.1f}" if row.stderr is not None else ""
         lines.append(f"| {label} | " + " | ".join(texts) + f" | {stderr} |")
-        if (paper := _paper_cells(table, row)) is not None:
-            lines.append("| _paper_ | " + " | ".join(f"_{p}_" if p else "" for p in paper) + " | |")
+        for name, published in _reference_lines(table, row):
+            lines.append(f"| _{name}_ | " + " | ".join(f"_{p}_" if p else "" for p in published) + " | |")
     lines += [""] + [f"_{note}_" for note in table.notes]
     lines.append("_Parenthesised: change against the fp merged model. ±: standard error of the last column._")
     if _has_paper(table):
         lines.append("_paper: the published numbers of the same cells (results/reference/paper_tables.csv)._")
+    for name in _second_references(table):
+        lines.append(f"_{name}: its own published numbers for the same experts and merges "
+                     f"(results/reference/{SECOND_REFERENCES[name].name})._")
     return "\n".join(lines) + "\n"
 
 
@@ -334,8 +376,8 @@ def to_latex(table: Table) -> str:
                 arrow = r"\,{\scriptsize $" + direction + "$" + f"{abs(number):.1f}" + "}"
             texts.append(value + arrow)
         lines.append(_tex_escape(row.label) + " & " + " & ".join(texts) + r" \\")
-        if (paper := _paper_cells(table, row)) is not None:
-            lines.append(r"\quad\textit{paper} & " + " & ".join(rf"\textit{{{p}}}" if p else "" for p in paper) + r" \\")
+        for name, published in _reference_lines(table, row):
+            lines.append(rf"\quad\textit{{{name}}} & " + " & ".join(rf"\textit{{{p}}}" if p else "" for p in published) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [r"\par\footnotesize\textit{" + _tex_escape(note) + "}" for note in table.notes]
     lines.append(r"\end{table}")
@@ -354,9 +396,9 @@ def to_html(table: Table) -> str:
         stderr = f"{row.stderr:.1f}" if row.stderr is not None else ""
         style = ' style="border-top:2px solid #888"' if row.section else ""
         body.append(f"<tr{style}><th>{html.escape(row.label)}</th>{''.join(cells)}<td>{stderr}</td></tr>")
-        if (paper := _paper_cells(table, row)) is not None:
-            body.append('<tr style="color:#666;font-style:italic"><td>paper</td>'
-                        + "".join(f"<td>{p}</td>" for p in paper) + "<td></td></tr>")
+        for name, published in _reference_lines(table, row):
+            body.append(f'<tr style="color:#666;font-style:italic"><td>{html.escape(name)}</td>'
+                        + "".join(f"<td>{p}</td>" for p in published) + "<td></td></tr>")
     notes = "".join(f"<p><em>{html.escape(n)}</em></p>" for n in table.notes)
     return (f"<html><body><table border=1 cellspacing=0 cellpadding=4><caption>{html.escape(table.caption)}</caption>"
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}</body></html>\n")

@@ -1,4 +1,4 @@
-# Quantize a merged model: rtn, gptq, awq, epmq-a{alpha} or epmq_fp-a{alpha} (the unrounded target).
+# Quantize a merged model: rtn, gptq, awq, epmq-a{alpha} or epmq_fp-a{alpha} (the sequential continuous relaxation: unrounded W* targets).
 
 
 rule quantize:

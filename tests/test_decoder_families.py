@@ -36,7 +36,7 @@ def test_awq_folds_leave_the_function_unchanged(family, kv_heads):
         for group in groups:
             linears = [block.get_submodule(name) for name in group.linears]
             scales = 0.5 + torch.rand(linears[0].in_features, generator=g, dtype=torch.float64)
-            fold_scales(block.get_submodule(group.previous), linears, scales)
+            fold_scales(block, group.previous, linears, scales)
         after = model(ids).logits
     assert torch.allclose(before, after, atol=1e-9, rtol=1e-9)
 

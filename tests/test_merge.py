@@ -196,7 +196,7 @@ def test_wudi_merger_optimises_block_weights_only_and_averages_the_rest():
     pretrained = {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
     experts = [{key: value + 0.1 * torch.randn(value.shape, generator=generator) for key, value in pretrained.items()}
                for _ in range(3)]
-    merged = MERGERS["wudi"](pretrained, experts, steps=30, lr=1e-3)
+    merged = MERGERS["wudi"](pretrained, experts, tensors="block_weights", steps=30, lr=1e-3)
     for key in shapes:
         mean = pretrained[key] + ops.mean_task_vector(pretrained[key], [expert[key] for expert in experts])
         block = ops.is_block_weight(key, shapes[key])
@@ -206,12 +206,12 @@ def test_wudi_merger_optimises_block_weights_only_and_averages_the_rest():
     vectors = ops.task_vectors(pretrained[key], [expert[key] for expert in experts])
     expected, _ = ops.wudi_task_vector(vectors, steps=30, lr=1e-3)
     assert torch.equal(merged[key], pretrained[key] + expected)
-    # deterministic, with the schema's defaults (300 steps at lr 1e-5, no scaling)
-    again = MERGERS["wudi"](pretrained, experts, steps=30, lr=1e-3)
+    # deterministic, with the schema's defaults (400 steps at lr 1e-5, no scaling)
+    again = MERGERS["wudi"](pretrained, experts, tensors="block_weights", steps=30, lr=1e-3)
     assert all(torch.equal(merged[name], again[name]) for name in shapes)
     default = MERGERS["wudi"](pretrained, experts)
-    expected, losses = ops.wudi_task_vector(vectors, steps=300, lr=1e-5)
-    assert len(losses) == 300 and torch.equal(default[key], pretrained[key] + expected)
+    expected, losses = ops.wudi_task_vector(vectors, steps=400, lr=1e-5)
+    assert len(losses) == 400 and torch.equal(default[key], pretrained[key] + expected)
 
 
 def test_wudi_ignores_an_expert_identical_to_the_pretrained_model():

@@ -30,11 +30,20 @@ class AwqGroup:
     """An AWQ scaling group: linears sharing one input, and the module that produces that input.
 
     Scaling the linears' input columns by ``s`` is undone exactly by dividing the output channels
-    of ``previous`` (a norm's weight and bias, or a linear's rows and bias) by ``s``.
+    of ``previous`` (a norm's weight and bias, or a linear's rows and bias) by ``s``. ``inspect`` is
+    the module whose output the scale search's loss measures (llm-awq's ``module2inspect``: the
+    attention for q/k/v, the MLP for gate/up); ``None`` is the group's single linear itself.
     """
 
     previous: str
     linears: tuple[str, ...]
+    inspect: str | None = None
+
+    @property
+    def inspected(self) -> str:
+        if self.inspect is None and len(self.linears) != 1:
+            raise ValueError(f"AWQ group {self.linears} has several linears: name the module it inspects")
+        return self.linears[0] if self.inspect is None else self.inspect
 
 
 class ModelAdapter:
@@ -75,6 +84,11 @@ class ModelAdapter:
     def awq_groups(self, block: nn.Module) -> list[AwqGroup]:
         """AWQ's exactly foldable scaling groups of one block, in forward order."""
         raise NotImplementedError(f"{type(self).__name__} declares no AWQ scaling groups")
+
+    def awq_activation_groups(self, block: nn.Module) -> list[AwqGroup]:
+        """Groups whose ``previous`` is a non-homogeneous activation module: foldable only by
+        wrapping it in a scaled activation (AWQ's ``scale_activation``)."""
+        return []
 
 
 def module_path(model: nn.Module, module: nn.Module) -> str:

@@ -26,11 +26,15 @@ class ClipVisionAdapter(ModelAdapter):
     def run_model(self, model, batch):
         getattr(model, "vision_model", model)(pixel_values=batch["pixel_values"])
 
+    def awq_activation_groups(self, block):
+        return [AwqGroup("mlp.activation_fn", ("mlp.fc2",))]
+
     def awq_groups(self, block):
         # fc2 is not scaled: its input is quick_gelu(fc1(x)), and quick_gelu(x / s) != quick_gelu(x) / s,
-        # so no fold into fc1 is exact. It still gets AWQ's clip search and the grid.
+        # so no fold into fc1 is exact (only into a scaled activation: awq_activation_groups).
+        # It still gets AWQ's clip search and the grid.
         return [
-            AwqGroup("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            AwqGroup("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
             AwqGroup("self_attn.v_proj", ("self_attn.out_proj",)),
             AwqGroup("layer_norm2", ("mlp.fc1",)),
         ]

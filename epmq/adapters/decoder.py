@@ -76,7 +76,7 @@ class DecoderAdapter(ModelAdapter):
         family = self.family
         groups = []
         if family.norms_fold:
-            groups.append(AwqGroup(family.attention_norm, family.attention_inputs))
+            groups.append(AwqGroup(family.attention_norm, family.attention_inputs, "self_attn"))
         # Under grouped-query attention v has fewer output channels than o has inputs: one v
         # channel feeds several heads, so no per-channel fold exists (as in llm-awq).
         if family.value is not None:
@@ -84,7 +84,7 @@ class DecoderAdapter(ModelAdapter):
             if value.out_features == output.in_features:
                 groups.append(AwqGroup(family.value, (family.attention_output,)))
         if family.norms_fold:
-            groups.append(AwqGroup(family.mlp_norm, family.mlp_inputs))
+            groups.append(AwqGroup(family.mlp_norm, family.mlp_inputs, "mlp"))
         # down's input is act(gate) * up: scaling up's output channels by 1/s is exact.
         if family.mlp_up is not None:
             groups.append(AwqGroup(family.mlp_up, (family.mlp_output,)))

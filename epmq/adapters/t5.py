@@ -39,7 +39,8 @@ class T5Adapter(ModelAdapter):
     def awq_groups(self, block):
         # T5's RMS norms have a weight only (no bias, no mean): dividing it by s is exact.
         groups = [
-            AwqGroup("layer.0.layer_norm", ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v")),
+            AwqGroup("layer.0.layer_norm", ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v"),
+                     "layer.0.SelfAttention"),
             AwqGroup("layer.0.SelfAttention.v", ("layer.0.SelfAttention.o",)),
         ]
         if block.is_decoder:
@@ -53,7 +54,8 @@ class T5Adapter(ModelAdapter):
         dense = block.layer[ff].DenseReluDense
         if hasattr(dense, "wi_0"):  # gated: wo's input is act(wi_0 x) * wi_1 x, exact through wi_1
             groups += [
-                AwqGroup(f"layer.{ff}.layer_norm", (f"layer.{ff}.DenseReluDense.wi_0", f"layer.{ff}.DenseReluDense.wi_1")),
+                AwqGroup(f"layer.{ff}.layer_norm", (f"layer.{ff}.DenseReluDense.wi_0", f"layer.{ff}.DenseReluDense.wi_1"),
+                         f"layer.{ff}.DenseReluDense"),
                 AwqGroup(f"layer.{ff}.DenseReluDense.wi_1", (f"layer.{ff}.DenseReluDense.wo",)),
             ]
         else:

@@ -157,7 +157,8 @@ def is_block_weight(key: str, shape: Sequence[int]) -> bool:
     ``embed``, or ends in ``bias`` like T5's ``relative_attention_bias``). Embeddings, position
     tables, poolers, projections and heads outside the blocks are excluded; callers pass
     floating tensors only. This matches the WUDI authors' ViT script, which optimises the
-    attention and MLP weights of the residual blocks.
+    attention and MLP weights of the residual blocks (``tensors: block_weights``; FusionBench,
+    the default, optimises every 2-D tensor: :func:`is_2d`).
     """
     components = key.split(".")
     return (
@@ -165,6 +166,16 @@ def is_block_weight(key: str, shape: Sequence[int]) -> bool:
         and any(component.isdigit() for component in components)
         and not any(_LOOKUP_TABLE.search(component) for component in components[:-1])
     )
+
+
+def is_2d(key: str, shape: Sequence[int]) -> bool:
+    """Whether WUDI optimises this tensor under FusionBench's rule: every 2-D tensor (its
+    ``exclude_keys`` is empty), embeddings and heads included."""
+    return len(shape) == 2
+
+
+#: ``tensors`` parameter of WUDI -> which tensors it optimises (the rest take the mean task vector)
+WUDI_TENSORS = {"all_2d": is_2d, "block_weights": is_block_weight}
 
 
 def wudi_loss(merged: Tensor, task_vectors: Tensor) -> Tensor:

@@ -213,10 +213,11 @@ def _prepare_ties(inputs: MergeInputs, params: dict, device) -> TensorRule:
 
 @_register("wudi")
 def _prepare_wudi(inputs: MergeInputs, params: dict, device) -> TensorRule:
-    """WUDI: Adam on the interference loss for block weights, the mean task vector elsewhere."""
+    """WUDI: Adam on the interference loss for the optimised tensors, the mean task vector elsewhere."""
+    optimised = operators.WUDI_TENSORS[params["tensors"]]
 
     def rule(key: str, pretrained: Tensor, experts: Sequence[Tensor]) -> Tensor:
-        if not operators.is_block_weight(key, pretrained.shape):
+        if not optimised(key, pretrained.shape):
             return pretrained.to(operators.computation_dtype(pretrained.dtype)) + operators.mean_task_vector(
                 pretrained, experts
             )

@@ -207,20 +207,23 @@ def _email_items(cfg: dict, task: str, tokenizer) -> dict[str, list[dict]]:
     corpus = cfg["data"]["spam_corpus"]
     text_cfg = {"suite": cfg["suite"], "seed": corpus["seed"], "data": corpus["data"],
                 "tasks": {task: {"label_field": "group", "classes": spec["classes"], "n": spec["n"]}}}
-    emails, stats = mini_text4.clean_corpus(text_cfg)
+    def prompt(text: str) -> str:
+        excerpt = " ".join(text.split())[: spec["max_chars"]]
+        ids = tokenizer(excerpt, add_special_tokens=False)["input_ids"]
+        if len(ids) > spec["max_email_tokens"]:
+            excerpt = tokenizer.decode(ids[: spec["max_email_tokens"]]).strip()
+        return spec["prompt"].format(email=excerpt)
+
+    # duplicates are judged on the prompt's tokens, what the model reads: e-mails that differ only
+    # past the excerpt are one e-mail here, so no prompt is in two splits
+    emails, stats = mini_text4.clean_corpus(text_cfg, lambda text: tokenizer(prompt(text), add_special_tokens=False)["input_ids"])
     pools = mini_text4.pool_assignment(text_cfg, emails)
     choices = list(spec["classes"])
     out = {}
     for split in SPLITS:
         part = mini_text4.task_split(text_cfg, task, split, emails, pools)
-        out[split] = []
-        for text, label, key in zip(part.texts, part.labels.tolist(), part.keys):
-            excerpt = " ".join(text.split())[: spec["max_chars"]]
-            ids = tokenizer(excerpt, add_special_tokens=False)["input_ids"]
-            if len(ids) > spec["max_email_tokens"]:
-                excerpt = tokenizer.decode(ids[: spec["max_email_tokens"]]).strip()
-            out[split].append({"prompt": spec["prompt"].format(email=excerpt), "answer": choices[label], "label": label,
-                               "key": key})
+        out[split] = [{"prompt": prompt(text), "answer": choices[label], "label": label, "key": key}
+                      for text, label, key in zip(part.texts, part.labels.tolist(), part.keys)]
     return out
 
 

@@ -55,8 +55,10 @@ traffic) from hard ham and from spam. So ``clean_corpus`` (with ``Cleaner``):
    prefixes the ``Subject`` of at least ``tag_min_count`` list e-mails in the corpus);
 5. masks every **e-mail address** as ``[email]`` and every **URL** as ``[url]`` (list addresses and
    archive URLs name the list; also the corpus' anonymised recipient ``zzzz@...taint.org``);
-6. collapses whitespace. Texts shorter than ``min_chars`` are dropped, and exact duplicates of a
-   cleaned text are kept once (the corpus repeats some spam), so no text is in two splits.
+6. collapses whitespace. Texts shorter than ``min_chars`` are dropped, and duplicates are kept
+   once (the corpus repeats some spam), judged on what the model reads: the text's first
+   ``model.max_length`` tokens (two e-mails that differ only after them are duplicates to the
+   model). So no model input is in two splits.
 
 What remains is what a reader of the body would see. Topic words (``rpm``, ``razor``, ``exmh``)
 and authors' signatures stay: they are the content the list-topic task is about. ``write_data_cache``
@@ -351,8 +353,16 @@ class Cleaner:
         return text.strip()
 
 
-def clean_corpus(cfg: dict) -> tuple[list[dict], dict]:
-    """Parse, label and clean every e-mail; drop short texts and duplicates. Returns (emails, stats)."""
+def model_view(cfg: dict):
+    """What the model reads of a cleaned text: its token ids, truncated at ``model.max_length``."""
+    tokenizer = load_tokenizer(cfg)
+    return lambda text: tokenizer(text, truncation=True, max_length=cfg["model"]["max_length"])["input_ids"]
+
+
+def clean_corpus(cfg: dict, visible=None) -> tuple[list[dict], dict]:
+    """Parse, label and clean every e-mail; drop short texts and duplicates, judged on ``visible(text)``
+    (what the model reads: :func:`model_view` by default). Returns (emails, stats)."""
+    visible = visible or model_view(cfg)
     spec = cfg["data"]["clean"]
     records, digest = read_raw_corpus(cfg)
     messages = [email.message_from_string(r["raw"]) for r in records]
@@ -365,7 +375,7 @@ def clean_corpus(cfg: dict) -> tuple[list[dict], dict]:
         if len(text) < spec["min_chars"]:
             dropped["short"] += 1
             continue
-        digest_text = hashlib.sha1(text.encode()).hexdigest()
+        digest_text = hashlib.sha1(json.dumps(visible(text)).encode()).hexdigest()
         if digest_text in seen:
             dropped["duplicate" if seen[digest_text] == record["group"] else "duplicate_across_groups"] += 1
             continue
