@@ -193,7 +193,10 @@ def input_means_and_counts(context, first_linears: list[str], names: list[str]):
         for block_input in context.all_inputs():
             batch["current"] = block_input.batch
             context.run(block_input)
-    means = {name: (sums[name] / max(counts[name], 1)).float() for name in first_linears}
+    for name, count in counts.items():
+        if not count:
+            raise ValueError(f"no calibration token reaches {context.prefix}.{name} (every mask is zero)")
+    means = {name: (sums[name] / counts[name]).float() for name in first_linears}
     return means, counts
 
 
