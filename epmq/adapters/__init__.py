@@ -1,6 +1,6 @@
 """Model-family adapters; importing this package registers the built-in ones."""
 
-from epmq.adapters import bert, clip, llama, t5  # noqa: F401
+from epmq.adapters import bert, clip, dinov2, llama, t5  # noqa: F401
 from epmq.adapters.base import (
     ADAPTERS,
     AwqGroup,
