@@ -162,3 +162,13 @@ def test_real_backbone_matches_onnxruntime():
     assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.image_size) == (12, 384, 518)
     check = dinov2_onnx.check_against_onnxruntime(model, proto)
     assert check["max_abs_diff"] < 1e-4 * max(1.0, check["max_abs_value"])
+
+
+def test_keep_first_layers_is_the_prefix_of_the_tower():
+    model = tiny_dinov2()
+    first_block = copy.deepcopy(model.encoder.layer[0])
+    dinov2_onnx.keep_first_layers(model, 1)
+    assert len(model.encoder.layer) == model.config.num_hidden_layers == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.encoder.layer[0].parameters(), first_block.parameters()))
+    with pytest.raises(ValueError, match="layers must be in 1..1"):
+        dinov2_onnx.keep_first_layers(model, 2)

@@ -165,3 +165,11 @@ def resize_position_embeddings(model, image_size: int) -> None:
         resized = embeddings.interpolate_pos_encoding(dummy, image_size, image_size).clone()
     embeddings.position_embeddings = torch.nn.Parameter(resized)
     model.config.image_size = image_size
+
+
+def keep_first_layers(model, n_layers: int) -> None:
+    """Keep the first ``n_layers`` blocks (then the final LayerNorm): a shallower tower with real weights."""
+    if not 0 < n_layers <= model.config.num_hidden_layers:
+        raise ValueError(f"layers must be in 1..{model.config.num_hidden_layers}, got {n_layers}")
+    model.encoder.layer = model.encoder.layer[:n_layers]
+    model.config.num_hidden_layers = n_layers
