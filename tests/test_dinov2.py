@@ -169,6 +169,7 @@ def test_keep_first_layers_is_the_prefix_of_the_tower():
     first_block = copy.deepcopy(model.encoder.layer[0])
     dinov2_onnx.keep_first_layers(model, 1)
     assert len(model.encoder.layer) == model.config.num_hidden_layers == 1
+    assert model.config.out_features == ["stage1"]  # reloadable: the stage names follow the depth
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.layer[0].parameters(), first_block.parameters()))
     with pytest.raises(ValueError, match="layers must be in 1..1"):
         dinov2_onnx.keep_first_layers(model, 2)

@@ -171,5 +171,12 @@ def keep_first_layers(model, n_layers: int) -> None:
     """Keep the first ``n_layers`` blocks (then the final LayerNorm): a shallower tower with real weights."""
     if not 0 < n_layers <= model.config.num_hidden_layers:
         raise ValueError(f"layers must be in 1..{model.config.num_hidden_layers}, got {n_layers}")
+    from transformers import Dinov2Config
+
     model.encoder.layer = model.encoder.layer[:n_layers]
-    model.config.num_hidden_layers = n_layers
+    # rebuilt, not edited: the backbone API's stage names and output stage follow the depth
+    settings = model.config.to_dict()
+    for derived in ("out_features", "out_indices", "stage_names"):
+        settings.pop(derived, None)
+    settings["num_hidden_layers"] = n_layers
+    model.config = Dinov2Config(**settings)
