@@ -173,3 +173,14 @@ def test_keep_first_layers_is_the_prefix_of_the_tower():
     assert all(torch.equal(a, b) for a, b in zip(model.encoder.layer[0].parameters(), first_block.parameters()))
     with pytest.raises(ValueError, match="layers must be in 1..1"):
         dinov2_onnx.keep_first_layers(model, 2)
+
+
+def test_finetuning_trains_the_whole_tower_or_only_its_blocks():
+    from epmq.suites.mini_dino import trainable_parameters
+
+    model = tiny_dinov2()
+    everything = dict(trainable_parameters(model, "all"))
+    assert set(everything) == {name for name, _ in model.named_parameters()}
+    blocks = dict(trainable_parameters(model, "blocks"))
+    assert blocks and all(name.startswith("encoder.layer.") for name in blocks)
+    assert not model.embeddings.position_embeddings.requires_grad and not model.layernorm.weight.requires_grad

@@ -302,8 +302,6 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
         losses.append(loss.item())
     train_seconds = time.time() - started
     model.eval()
-    for param in model.parameters():
-        param.requires_grad_(True)
     accuracy = evaluate_tasks(model, head, cfg, [task], sources)[task]
     build = {
         "suite": cfg["suite"],
