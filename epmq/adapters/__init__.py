@@ -1,6 +1,6 @@
 """Model-family adapters; importing this package registers the built-in ones."""
 
-from epmq.adapters import bert, clip, decoder, t5  # noqa: F401
+from epmq.adapters import bert, clip, decoder, dinov2, t5  # noqa: F401
 from epmq.adapters.base import (
     ADAPTERS,
     AwqGroup,

@@ -27,6 +27,7 @@ BUILDERS = {
     "mini-clip": "epmq.suites.mini_clip",
     "mini-text": "epmq.suites.mini_text4",
     "mini-llm": "epmq.suites.mini_llm3",
+    "mini-dino": "epmq.suites.mini_dino",
     "hub-clip": "epmq.suites.hub",
     "hub-t5": "epmq.suites.hub",
     "hub-llama": "epmq.suites.hub",
