@@ -75,7 +75,7 @@ def test_awq_folds_preserve_the_function():
             for group in adapter.awq_groups(block):
                 linears = [block.get_submodule(name) for name in group.linears]
                 scales = torch.rand(linears[0].in_features, generator=g) * 4 + 0.25
-                fold_scales(block.get_submodule(group.previous), linears, scales)
+                fold_scales(block, group.previous, linears, scales)
                 folded += 1
         out = model(**batch).last_hidden_state
     assert folded == 6
