@@ -1,7 +1,10 @@
 # Paper-scale suites (builders hub-*): pretrained models, experts and datasets come from the hub
 # (or from local folders named in config/experts.tsv and the suite YAML's `datasets:`). These jobs
 # run on the machine that runs Snakemake (localrules): compute nodes often have no internet.
-# Every fetch records the commit its revision resolved to (fetch.json).
+# Every fetch records the commit its revision resolved to (fetch.json). Models land once in the
+# store (resources/models/<owner--name@revision>, one per model and revision, locked per model) and
+# are linked into each suite. `hub_fetch` caps concurrent downloads on the login node: set its
+# limit with `--resources hub_fetch=N` or a profile's `resources:` (unset: no cap).
 
 
 localrules:
@@ -13,8 +16,13 @@ localrules:
 rule hub_data:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
+<<<<<<< HEAD
     input:
         suite_config=suite_config_files,
+=======
+    resources:
+        hub_fetch=1,
+>>>>>>> 82807a7 (Fetch into a shared per-model store (locked, staged beside it, linked into suites); convert .bin-only repos with torch.load(weights_only=True); drop non-persistent buffers (CLIP position_ids) with a record; explicit recorded expert dtype cast (cast_experts); HF_ALLOW_CODE_EVAL only where allow_code; lm-eval ifeval/math deps; scripts/make_hub_fixtures.py writes a hub-faithful HF_HOME)
     output:
         directory("results/{suite}/data"),
     params:
@@ -32,8 +40,13 @@ rule hub_data:
 rule hub_pretrained:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
+<<<<<<< HEAD
     input:
         suite_config=suite_config_files,
+=======
+    resources:
+        hub_fetch=1,
+>>>>>>> 82807a7 (Fetch into a shared per-model store (locked, staged beside it, linked into suites); convert .bin-only repos with torch.load(weights_only=True); drop non-persistent buffers (CLIP position_ids) with a record; explicit recorded expert dtype cast (cast_experts); HF_ALLOW_CODE_EVAL only where allow_code; lm-eval ifeval/math deps; scripts/make_hub_fixtures.py writes a hub-faithful HF_HOME)
     output:
         directory("results/{suite}/pretrained"),
     params:
@@ -51,6 +64,8 @@ rule hub_pretrained:
 rule hub_expert:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
+    resources:
+        hub_fetch=1,
     input:
         suite_config=suite_config_files,
         pretrained="results/{suite}/pretrained",
