@@ -63,6 +63,7 @@ from tests.paper_models import (  # noqa: E402
 BIN_ONLY = {"openai/clip-vit-base-patch32"}  # no model.safetensors on main (inferred from its mirrors)
 LLAMA_SHARDS = {"meta-llama/Llama-3.2-3B-Instruct": 2, "meta-llama/Llama-3.1-8B-Instruct": 4}
 MERGEBENCH_SHARDS = 2
+LLAMA_CONTEXT = 2048
 CLIP_IMAGE = {"openai/clip-vit-base-patch32": (32, 8), "openai/clip-vit-large-patch14": (28, 4)}  # (size, patch)
 LLM_EVAL_DATASETS = ("gsm8k", "math500", "arc-challenge", "ifeval", "humaneval", "mbpp-plus")
 
@@ -200,6 +201,8 @@ def llama_repos(hf_home: Path, entries, tmp: Path) -> None:
             continue
         if entry.role == "pretrained":
             model = bases.setdefault(entry.suite, tiny_llama_model(tokenizer, seed=len(bases)))
+            # lm-eval's generative tasks ask for up to 1024 new tokens (Llama-3's own limit: 131072)
+            model.config.max_position_embeddings = LLAMA_CONTEXT
             _save_model(model, folder, dtype=torch.bfloat16, shards=LLAMA_SHARDS.get(entry.source, 2))
             (folder / "original").mkdir()
             (folder / "original" / "params.json").write_text(json.dumps({"dim": model.config.hidden_size}))
