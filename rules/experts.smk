@@ -16,13 +16,10 @@ localrules:
 rule hub_data:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
-<<<<<<< HEAD
     input:
         suite_config=suite_config_files,
-=======
     resources:
         hub_fetch=1,
->>>>>>> 82807a7 (Fetch into a shared per-model store (locked, staged beside it, linked into suites); convert .bin-only repos with torch.load(weights_only=True); drop non-persistent buffers (CLIP position_ids) with a record; explicit recorded expert dtype cast (cast_experts); HF_ALLOW_CODE_EVAL only where allow_code; lm-eval ifeval/math deps; scripts/make_hub_fixtures.py writes a hub-faithful HF_HOME)
     output:
         directory("results/{suite}/data"),
     params:
@@ -40,13 +37,10 @@ rule hub_data:
 rule hub_pretrained:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
-<<<<<<< HEAD
     input:
         suite_config=suite_config_files,
-=======
     resources:
         hub_fetch=1,
->>>>>>> 82807a7 (Fetch into a shared per-model store (locked, staged beside it, linked into suites); convert .bin-only repos with torch.load(weights_only=True); drop non-persistent buffers (CLIP position_ids) with a record; explicit recorded expert dtype cast (cast_experts); HF_ALLOW_CODE_EVAL only where allow_code; lm-eval ifeval/math deps; scripts/make_hub_fixtures.py writes a hub-faithful HF_HOME)
     output:
         directory("results/{suite}/pretrained"),
     params:
