@@ -140,12 +140,14 @@ def test_store_is_shared_linked_and_locked(tmp_path):
                "models_dir": str(tmp_path / "store")}
         outs.append(tmp_path / suite / "experts" / "math")
         finetune(cfg, base, "math", outs[-1])
-    stores = list((tmp_path / "store").iterdir())
-    assert [p.name for p in stores if not p.name.startswith(".")] == ["local--expert"]
+    from epmq.hub import resource_name
+
+    name = resource_name(str(expert))
+    assert [p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")] == [name]
     shard = "model-00001-of-00002.safetensors"
-    inodes = {(out / shard).stat().st_ino for out in outs} | {(stores[0].parent / "local--expert" / shard).stat().st_ino}
+    inodes = {(out / shard).stat().st_ino for out in outs} | {(tmp_path / "store" / name / shard).stat().st_ino}
     assert len(inodes) == 1  # links, not copies
-    assert json.loads((outs[0] / FETCH_RECORD).read_text())["store"] == str((tmp_path / "store" / "local--expert").resolve())
+    assert json.loads((outs[0] / FETCH_RECORD).read_text())["store"] == str((tmp_path / "store" / name).resolve())
     # two processes fetch the same model at once: both succeed, the second reuses the first's folder
     script = ("import sys; from epmq.hub import fetch_to_store; "
               f"print(fetch_to_store({str(expert)!r}, 'main', {str(tmp_path / 'store2')!r}))")
@@ -153,8 +155,8 @@ def test_store_is_shared_linked_and_locked(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [proc.communicate(timeout=300) for proc in procs]
     assert all(proc.returncode == 0 for proc in procs), results
-    assert [p.name for p in (tmp_path / "store2").iterdir() if not p.name.startswith(".")] == ["local--expert"]
-    assert fetch_to_store(str(expert), "main", tmp_path / "store2") == tmp_path / "store2" / "local--expert"
+    assert [p.name for p in (tmp_path / "store2").iterdir() if not p.name.startswith(".")] == [name]
+    assert fetch_to_store(str(expert), "main", tmp_path / "store2") == tmp_path / "store2" / name
 
 
 def test_llama_experts_in_another_dtype_need_the_recorded_cast(tmp_path):
