@@ -65,7 +65,6 @@ LLAMA_SHARDS = {"meta-llama/Llama-3.2-3B-Instruct": 2, "meta-llama/Llama-3.1-8B-
 MERGEBENCH_SHARDS = 2
 LLAMA_CONTEXT = 2048
 CLIP_IMAGE = {"openai/clip-vit-base-patch32": (32, 8), "openai/clip-vit-large-patch14": (28, 4)}  # (size, patch)
-LLM_EVAL_DATASETS = ("gsm8k", "math500", "arc-challenge", "ifeval", "humaneval", "mbpp-plus")
 
 
 # ---------------------------------------------------------------------------- the cache format --
