@@ -1,6 +1,8 @@
 """Fetch pretrained models and experts (hub id or local path) into ``resources/``, and split CLIP.
 
-``fetch`` brings one model into a directory of its own, safetensors weights only:
+``fetch`` brings one model into a directory of its own (the *store*: ``resources/models/<owner--name@revision>``,
+one per model and revision, shared by every suite that lists it; suites link to it, never copy),
+safetensors weights only:
 
 - a hub id (``owner/name``) goes through ``huggingface_hub.snapshot_download`` into the HF cache
   (so a second fetch, or one with ``HF_HUB_OFFLINE=1``, reads the cache), and the wanted files are
@@ -9,6 +11,17 @@
   hash cannot be known offline, and the record pins what was actually used.
 - a local path (an HF ``save_pretrained`` folder) is linked or copied the same way, with the
   SHA-256 of its weight files recorded instead of a commit.
+
+A repository without safetensors weights (``openai/clip-vit-base-patch32`` may have only
+``pytorch_model.bin`` on ``main``) is fetched as ``pytorch_model*.bin``, read with
+``torch.load(weights_only=True)`` (tensors only, never a full unpickle) and converted once to
+safetensors in the store; both files' SHA-256 are recorded (``converted_from_bin``).
+
+:func:`fetch_to_store` is what the workflow calls: it takes a lock per model (``fcntl`` on a file
+beside the store folder, so parallel suites fetching the same expert wait for one download), reuses
+a complete store folder, and otherwise fetches; the output is staged beside its destination
+(``atomic_output_dir``), so the final rename is atomic on one filesystem. :func:`link_model` puts a
+store folder's files into a suite's folder as hard links (symbolic links across filesystems).
 
 Without the model in the cache and without hub access, ``fetch`` raises one
 :class:`HubFetchError` naming the model and saying how to give a local path instead.
@@ -37,7 +50,9 @@ CLI: ``python -m epmq.hub {fetch,fetch-suite,clip-split,align} ...`` (see ``--he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -137,13 +152,13 @@ def _missing_message(source: str, revision: str, label: str | None, reason: str)
     )
 
 
-def _snapshot(repo_id: str, revision: str, allow, label, local_files_only, token, cache_dir) -> Path:
+def _snapshot(repo_id: str, revision: str, allow, label, local_files_only, token, cache_dir, ignore=NEVER) -> Path:
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 
     try:
         path = snapshot_download(
-            repo_id, revision=revision, allow_patterns=list(allow), ignore_patterns=list(NEVER),
+            repo_id, revision=revision, allow_patterns=list(allow), ignore_patterns=list(ignore),
             cache_dir=cache_dir, local_files_only=bool(local_files_only), token=token,
         )
     except hub_errors.GatedRepoError as error:
@@ -224,30 +239,165 @@ def fetch(
     with atomic_output_dir(out_dir) as staging:
         names = _materialise(folder, staging, allow, link=link)
         weights = [name for name in names if name.endswith(".safetensors")]
+        converted = None
         if require_weights and not weights:
-            others = sorted(p.name for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth", ".h5", ".msgpack")))
-            if others:
-                hint = f" (it has {', '.join(others)}: convert them to safetensors first)"
-            elif record["kind"] == "hub":
-                hint = (" (a safetensors conversion may exist under another revision, e.g. the hub's refs/pr/N:"
-                        " put it in the `revision` column)")
-            else:
-                hint = ""
+            bin_folder = folder
+            if record["kind"] == "hub" and not _bin_files(folder):
+                with contextlib.suppress(HubFetchError):
+                    bin_folder = _snapshot(text, revision, BIN_WEIGHTS, label, local_files_only, token, cache_dir,
+                                           ignore=("original/*",))
+            if _bin_files(bin_folder):
+                converted = convert_bin_checkpoint(bin_folder, staging, label=label or text)
+                names += sorted(converted["safetensors"])
+                weights = list(converted["safetensors"])
+        if require_weights and not weights:
+            hint = (" (a safetensors conversion may exist under another revision, e.g. the hub's refs/pr/N:"
+                    " put it in the `revision` column)") if record["kind"] == "hub" else ""
             raise HubFetchError(_missing_message(
-                text, revision, label, f"the snapshot has no *.safetensors weights{hint}; only safetensors are fetched"))
+                text, revision, label, f"the snapshot has no *.safetensors and no pytorch_model*.bin weights{hint}"))
         files = {}
         for name in names:
             entry: dict = {"bytes": (staging / name).stat().st_size}
-            if record["kind"] == "hub":
+            if converted and name in converted["safetensors"]:
+                entry["sha256"] = converted["safetensors"][name]
+            elif record["kind"] == "hub":
                 # LFS blobs are named by their SHA-256 in the cache; small files by their git hash.
                 entry["blob"] = Path(os.path.realpath(folder / name)).name
             elif name.endswith(".safetensors"):
                 entry["sha256"] = sha256_file(staging / name)
             files[name] = entry
         record.update(files=files, allow=list(allow), label=label, provenance=_provenance())
+        if converted:
+            record["converted_from_bin"] = converted
         atomic_write_json(staging / FETCH_RECORD, record)
     log.info("fetched %s@%s (%s) -> %s", text, revision, record["resolved_commit"] or "local", out_dir)
     return out_dir
+
+
+BIN_WEIGHTS = ("pytorch_model*.bin", "pytorch_model.bin.index.json", "*.json", "*.txt", "tokenizer*", "spiece*",
+               "*.model", "*.tiktoken", "*.jinja")
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _bin_files(folder: Path) -> list[Path]:
+    """The ``pytorch_model*.bin`` weight files of a folder: those of its index when sharded."""
+    index = folder / BIN_INDEX
+    if index.exists():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(folder.glob("pytorch_model*.bin"))
+
+
+def convert_bin_checkpoint(folder: Path, destination: Path, *, label: str) -> dict:
+    """Convert ``pytorch_model*.bin`` of ``folder`` to safetensors in ``destination``; return the record.
+
+    Each file is read with ``torch.load(weights_only=True)``: only tensors and plain containers are
+    unpickled, anything else is refused. A single ``pytorch_model.bin`` becomes ``model.safetensors``,
+    shards ``pytorch_model-0000i-of-0000n.bin`` become ``model-0000i-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json``. Tensors that share storage (tied weights) are stored once each.
+    Record: ``{"bin": {name: sha256}, "safetensors": {name: sha256}}``.
+    """
+    import torch
+
+    bins = _bin_files(folder)
+    record: dict = {"bin": {}, "safetensors": {}, "loader": "torch.load(weights_only=True)"}
+    weight_map = {}
+    for path in bins:
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # files of the pre-zip format cannot be memory-mapped
+                if "mmap" not in str(error):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError for anything but tensors; RuntimeError for a bad zip
+            raise HubFetchError(f"{label}: {path.name} cannot be read as a weights-only torch checkpoint "
+                                f"(the snapshot has no *.safetensors weights): {str(error).splitlines()[0]}") from error
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise HubFetchError(f"{label}: {path.name} is not a state dict of tensors")
+        name = "model.safetensors" if len(bins) == 1 else path.name.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        save_file({key: value.detach().clone().contiguous() for key, value in state.items()}, str(destination / name),
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(state, name))
+        del state
+        record["bin"][path.name] = sha256_file(path)
+        record["safetensors"][name] = sha256_file(destination / name)
+    if len(bins) > 1:
+        atomic_write_json(destination / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
+    log.info("%s: converted %s to safetensors", label, ", ".join(record["bin"]))
+    return record
+
+
+@contextlib.contextmanager
+def model_lock(folder: str | os.PathLike):
+    """Hold an exclusive lock for one store folder (a ``.<name>.lock`` file beside it) while fetching it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fetch_to_store(source: str, revision: str, root: str | os.PathLike, *, label: str | None = None, **kwargs) -> Path:
+    """The store folder of ``source@revision`` under ``root``, fetched once (under its lock) and then reused."""
+    folder = Path(root) / resource_name(source, revision)
+    with model_lock(folder):
+        record = folder / FETCH_RECORD
+        if record.exists():
+            done = json.loads(record.read_text())
+            wanted = str(Path(str(source).removeprefix("local:")).expanduser().resolve()) if is_local_source(source) else source
+            if done.get("source") == wanted and done.get("revision_requested") == revision:
+                log.info("%s@%s: in the store (%s)", source, revision, folder)
+                return folder
+        return fetch(source, revision, folder, label=label, **kwargs)
+
+
+def link_model(store: str | os.PathLike, destination: str | os.PathLike, skip: Sequence[str] = ()) -> list[str]:
+    """Hard-link (symlink across filesystems) every file of ``store`` into ``destination``, except ``skip``."""
+    store, destination = Path(store), Path(destination)
+    names = []
+    for path in sorted(store.rglob("*")):
+        relative = path.relative_to(store).as_posix()
+        if not path.is_file() or relative in skip:
+            continue
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            target.symlink_to(path.resolve())
+        names.append(relative)
+    return names
+
+
+def nonpersistent_buffers(model_dir: str | os.PathLike) -> set[str]:
+    """State-dict names of the non-persistent buffers of the model class ``model_dir/config.json`` names.
+
+    The model is built on the meta device (no memory). transformers registers CLIP's
+    ``embeddings.position_ids`` with ``persistent=False`` since 4.31, so checkpoints written before
+    carry it and later ones do not; such buffers are not part of a model's weights.
+    """
+    import torch
+    import transformers
+
+    if not (Path(model_dir) / "config.json").exists():
+        return set()  # a bare weights folder: no class to ask, nothing is known to be non-persistent
+    config = transformers.AutoConfig.from_pretrained(str(model_dir))
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:
+        return set()
+    with torch.device("meta"):
+        model = cls(config)
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() for name in module._non_persistent_buffers_set}
+
+
+def is_nonpersistent(key: str, buffers: set[str]) -> bool:
+    """Whether checkpoint key ``key`` is one of ``buffers`` (matching with or without leading prefixes)."""
+    return any(key == name or key.endswith("." + name) or name.endswith("." + key) for name in buffers)
 
 
 def _provenance() -> dict:
@@ -365,7 +515,10 @@ def split_clip(
     """Write ``out_dir/vision`` (CLIPVisionModel) and ``out_dir/zeroshot`` (text side) from a CLIPModel folder.
 
     The vision tower's keys get ``prefix``: given, or that of the expert checkpoint ``like``, or
-    ``vision_model.`` (see the module docstring). Returns the two folders.
+    ``vision_model.`` (see the module docstring). Non-persistent buffers stored in the file
+    (``position_ids`` of older checkpoints) are dropped and listed in ``clip_split.json``: experts
+    saved by newer transformers lack them, and only parameters and persistent buffers are compared
+    and merged. Returns the two folders.
     """
     from transformers import CLIPConfig
 
@@ -378,8 +531,11 @@ def split_clip(
     if prefix is None:
         prefix = vision_key_prefix(like) if like is not None else VISION_PREFIX
     checkpoint = LazyCheckpoint(clip_dir)
-    vision_keys = [key for key in checkpoint.keys() if key.startswith(VISION_PREFIX)]
-    text_keys = [key for key in checkpoint.keys() if not key.startswith(VISION_PREFIX)]
+    buffers = nonpersistent_buffers(clip_dir)
+    dropped = [key for key in checkpoint.keys() if is_nonpersistent(key, buffers)]
+    kept = [key for key in checkpoint.keys() if key not in dropped]
+    vision_keys = [key for key in kept if key.startswith(VISION_PREFIX)]
+    text_keys = [key for key in kept if not key.startswith(VISION_PREFIX)]
     if not vision_keys or "visual_projection.weight" not in checkpoint or "logit_scale" not in checkpoint:
         raise ValueError(f"{clip_dir}: expected vision_model.*, visual_projection.weight and logit_scale tensors")
     upstream = clip_dir / FETCH_RECORD
@@ -388,6 +544,8 @@ def split_clip(
         "resolved_commit": json.loads(upstream.read_text()).get("resolved_commit") if upstream.exists() else None,
         "vision_key_prefix": prefix,
         "prefix_from": prefix_from,
+        # in the file, but not weights of transformers' CLIPModel (position_ids, see nonpersistent_buffers)
+        "dropped_nonpersistent_buffers": dropped,
     }
     with atomic_output_dir(out_dir) as staging:
         vision, zeroshot = staging / "vision", staging / "zeroshot"

@@ -24,6 +24,7 @@ accuracy (score in %), stderr (%; null when lm-eval reports none), n, model, pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -66,6 +67,23 @@ MAIN_METRICS = {
     "mbpp_plus_instruct": ("pass_at_1,extract_code", "pass_at_1,none"),
 }
 UNSAFE_TASKS = {"humaneval", "humaneval_instruct", "mbpp_plus", "mbpp_plus_instruct"}
+
+
+@contextlib.contextmanager
+def code_eval_environment(allow_code: bool):
+    """``HF_ALLOW_CODE_EVAL=1`` inside the block when ``allow_code`` (lm-eval's code tasks need it at import), else unset."""
+    saved = os.environ.get("HF_ALLOW_CODE_EVAL")
+    if allow_code:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    else:
+        os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        else:
+            os.environ["HF_ALLOW_CODE_EVAL"] = saved
 
 
 def main_metric(lm_eval_task: str, task_results: Mapping) -> tuple[str, float, float | None]:
@@ -158,20 +176,19 @@ def run_lm_eval(
     from epmq.checkpoint import load_model
     from epmq.io import atomic_write_json, provenance
 
-    if unsafe:
-        os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
     started = time.time()
     model = load_model(model_dir, dtype=dtype).to(device).eval()
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
     manager = task_manager(include_path, set(names.values()))
     include = manager_include(include_path)
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=list(dict.fromkeys(names.values())), num_fewshot=num_fewshot, limit=limit,
-        task_manager=manager, apply_chat_template=apply_chat_template, confirm_run_unsafe_code=confirm_run_unsafe_code,
-        gen_kwargs=gen_kwargs, log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=seed, bootstrap_iters=1000,
-    )
+    with code_eval_environment(confirm_run_unsafe_code):
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=list(dict.fromkeys(names.values())), num_fewshot=num_fewshot, limit=limit,
+            task_manager=manager, apply_chat_template=apply_chat_template, confirm_run_unsafe_code=confirm_run_unsafe_code,
+            gen_kwargs=gen_kwargs, log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed, bootstrap_iters=1000,
+        )
     seconds = round(time.time() - started, 2)
     results = {}
     for name, lm_task in names.items():

@@ -189,7 +189,10 @@ def expert_dirs(wildcards):
 
 def merge_param_flags(wildcards):
     params = suite_settings(wildcards.suite)["merge_params"].get(wildcards.merge, {})
-    return " ".join(f"--param {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in params.items())
+    flags = [f"--param {shlex.quote(f'{key}={json.dumps(value)}')}" for key, value in params.items()]
+    if suite_settings(wildcards.suite)["cast_experts"]:
+        flags.append("--cast-experts")
+    return " ".join(flags)
 
 
 def quantize_flags(wildcards):

@@ -1,7 +1,10 @@
 # Paper-scale suites (builders hub-*): pretrained models, experts and datasets come from the hub
 # (or from local folders named in config/experts.tsv and the suite YAML's `datasets:`). These jobs
 # run on the machine that runs Snakemake (localrules): compute nodes often have no internet.
-# Every fetch records the commit its revision resolved to (fetch.json).
+# Every fetch records the commit its revision resolved to (fetch.json). Models land once in the
+# store (resources/models/<owner--name@revision>, one per model and revision, locked per model) and
+# are linked into each suite. `hub_fetch` caps concurrent downloads on the login node: set its
+# limit with `--resources hub_fetch=N` or a profile's `resources:` (unset: no cap).
 
 
 localrules:
@@ -15,6 +18,8 @@ rule hub_data:
         suite=one_of(HUB_SUITES),
     input:
         suite_config=suite_config_files,
+    resources:
+        hub_fetch=1,
     output:
         directory("results/{suite}/data"),
     params:
@@ -34,6 +39,8 @@ rule hub_pretrained:
         suite=one_of(HUB_SUITES),
     input:
         suite_config=suite_config_files,
+    resources:
+        hub_fetch=1,
     output:
         directory("results/{suite}/pretrained"),
     params:
@@ -51,6 +58,8 @@ rule hub_pretrained:
 rule hub_expert:
     wildcard_constraints:
         suite=one_of(HUB_SUITES),
+    resources:
+        hub_fetch=1,
     input:
         suite_config=suite_config_files,
         pretrained="results/{suite}/pretrained",

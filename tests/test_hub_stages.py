@@ -15,6 +15,7 @@ def write_suite(root, name, builder, pretrained, experts, tasks, datasets, **ext
     table.write_text("suite\trole\ttask\tsource\trevision\tnote\n" + "\n".join(rows) + "\n")
     config = root / f"{name}.yaml"
     config.write_text(json.dumps({"suite": name, "builder": builder, "experts_table": str(table), "tasks": tasks,
+                                  "models_dir": str(root / "models"),
                                   "datasets": {t: str(p) for t, p in datasets.items()}, **extra}))
     return config
 

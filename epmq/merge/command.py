@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="operator parameter (value parsed as YAML, e.g. scaling=0.3, lr=1e-5); defaults come from the schema",
     )
+    parser.add_argument(
+        "--cast-experts",
+        action="store_true",
+        help="cast experts stored in another floating dtype to the pretrained model's dtype (recorded in merge.json)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (written atomically)")
     add_overwrite_argument(parser)
     parser.add_argument(
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             if conversions:
                 record["open_clip_conversions"] = conversions
             merge_checkpoints(method, paths[0], paths[1:], out, params, device=args.device,
-                              record=record or None, overwrite=args.overwrite)
+                              record=record or None, overwrite=args.overwrite, cast_experts=args.cast_experts)
     except ValueError as error:  # MergeError, CheckpointError and schema errors: bad input, nothing written
         message = " ".join(str(error).split())
         print(f"epmq merge: error: {message}", file=sys.stderr)

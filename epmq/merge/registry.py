@@ -85,13 +85,18 @@ def check_consistent(
     keys: Sequence[str],
     spec: Callable[[str], tuple[tuple[int, ...], str]],
     experts: Sequence[tuple[str, Sequence[str], Callable[[str], tuple[tuple[int, ...], str]]]],
-) -> None:
+    *,
+    cast_floating: bool = False,
+) -> dict[str, dict[str, int]]:
     """Refuse experts whose keys, shapes or dtypes differ from the pretrained model's.
 
     ``spec(key)`` gives ``(shape, dtype)`` of a pretrained tensor; each expert is
     ``(name, keys, spec)``. The message names the expert and the first offending tensor (in the
-    pretrained order; extra tensors in sorted order).
+    pretrained order; extra tensors in sorted order). With ``cast_floating``, a floating expert
+    tensor of another floating dtype is accepted (the caller casts it to the pretrained dtype);
+    returns what would be cast: ``{expert name: {"F32->BF16": number of tensors}}``.
     """
+    casts: dict[str, dict[str, int]] = {}
     if not experts:
         raise MergeError("at least one expert is needed")
     key_set = set(keys)
@@ -108,7 +113,19 @@ def check_consistent(
             if expert_shape != shape:
                 raise MergeError(f"tensor {key!r} of {name} has shape {list(expert_shape)}, pretrained {list(shape)}")
             if expert_dtype != dtype:
-                raise MergeError(f"tensor {key!r} of {name} has dtype {expert_dtype}, pretrained {dtype}")
+                if cast_floating and _is_floating_name(dtype) and _is_floating_name(expert_dtype):
+                    change = casts.setdefault(name, {})
+                    change[f"{expert_dtype}->{dtype}"] = change.get(f"{expert_dtype}->{dtype}", 0) + 1
+                    continue
+                hint = " (an explicit cast: `epmq merge --cast-experts`, `cast_experts: true` in the workflow config)"
+                raise MergeError(f"tensor {key!r} of {name} has dtype {expert_dtype}, pretrained {dtype}"
+                                 + (hint if _is_floating_name(dtype) and _is_floating_name(expert_dtype) else ""))
+    return casts
+
+
+def _is_floating_name(dtype: str) -> bool:
+    """Whether a dtype name (torch ``torch.float32`` or safetensors ``F32``) is a floating type."""
+    return dtype.startswith(("torch.float", "torch.bfloat", "F", "BF"))
 
 
 class StateDictInputs(MergeInputs):

@@ -51,6 +51,8 @@ MERGE_RECORD = "merge.json"
 # Weight files of other formats are never copied: a stale unmerged copy could be loaded instead.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".bin.index.json")
 _FLOATING_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointInputs(MergeInputs):
@@ -60,7 +62,7 @@ class CheckpointInputs(MergeInputs):
     already merged do not stay resident: memory holds the K experts' current tensor, not K models.
     """
 
-    def __init__(self, pretrained: str | os.PathLike, experts: Sequence[str | os.PathLike]):
+    def __init__(self, pretrained: str | os.PathLike, experts: Sequence[str | os.PathLike], cast_experts: bool = False):
         if not experts:
             raise MergeError("at least one expert is needed")
         self.pretrained_name = f"pretrained {pretrained}"
@@ -68,10 +70,12 @@ class CheckpointInputs(MergeInputs):
         self._pretrained = LazyCheckpoint(pretrained)
         self._experts = [LazyCheckpoint(path) for path in experts]
         self.keys = self._pretrained.keys()
-        check_consistent(
+        # {expert: {"F32->BF16": n}}: floating expert tensors read in the pretrained dtype (cast_experts)
+        self.casts = check_consistent(
             self.keys,
             self._pretrained.shape_dtype,
             [(name, expert.keys(), expert.shape_dtype) for name, expert in zip(self.expert_names, self._experts)],
+            cast_floating=cast_experts,
         )
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -81,7 +85,16 @@ class CheckpointInputs(MergeInputs):
         return self._pretrained.shape_dtype(key)[1] in _FLOATING_DTYPES
 
     def _read(self, key: str, source: int | None) -> torch.Tensor:
-        return (self._pretrained if source is None else self._experts[source]).get(key)
+        if source is None:
+            return self._pretrained.get(key)
+        tensor = self._experts[source].get(key)
+        if self.casts and tensor.is_floating_point():
+            # the cast FusionBench applies on load (e.g. MergeBench's Llama experts to bf16), made explicit
+            return tensor.to(self._pretrained_dtype(key))
+        return tensor
+
+    def _pretrained_dtype(self, key: str) -> torch.dtype:
+        return _TORCH_DTYPES[self._pretrained.shape_dtype(key)[1]]
 
     def kth_smallest(self, rows_of, k):
         def blocks():
@@ -101,8 +114,12 @@ def merge_checkpoints(
     device: torch.device | str | None = None,
     record: Mapping | None = None,
     overwrite: bool = False,
+    cast_experts: bool = False,
 ) -> Path:
     """Merge the expert checkpoints into ``out`` with operator ``method``, streaming; return ``out``.
+
+    ``cast_experts``: experts stored in another floating dtype are cast to the pretrained model's
+    dtype as they are read (recorded in ``merge.json`` as ``expert_casts``); without it they are refused.
 
     ``pretrained`` is an HF ``save_pretrained`` directory (safetensors, single or sharded); the
     experts are directories or ``.safetensors`` files with the same tensors. ``params`` are
@@ -121,7 +138,9 @@ def merge_checkpoints(
     check_output(out, inputs=[pretrained, *experts], records=[MERGE_RECORD], overwrite=overwrite)
     warn_duplicates(experts, "--experts")
     shards = safetensors_files(pretrained)
-    inputs = CheckpointInputs(pretrained, experts)
+    inputs = CheckpointInputs(pretrained, experts, cast_experts=cast_experts)
+    if inputs.casts:
+        log.info("casting experts to the pretrained dtype: %s", inputs.casts)
     log.info("merging %d experts with %s %s", len(experts), method, params)
     rule = MERGERS[method].prepare(inputs, params, device)
 
@@ -139,6 +158,8 @@ def merge_checkpoints(
                 "params": params,
                 "pretrained": _identity(pretrained),
                 "experts": [_identity(path) for path in experts],
+                "cast_experts": cast_experts,
+                "expert_casts": inputs.casts,
                 "provenance": provenance(device=str(device or "cpu")),
                 **dict(record or {}),
             },

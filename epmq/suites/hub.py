@@ -19,6 +19,7 @@ come from the experts table (``config/experts.tsv``); every fetch records the co
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -100,14 +101,19 @@ def write_data_cache(cfg: dict, out: str | os.PathLike) -> None:
 
 
 def _prefetch_lm_eval(cfg: dict) -> None:
-    """Load lm-eval's tasks once so their datasets sit in the HF cache for offline compute nodes."""
+    """Load lm-eval's tasks once so their datasets sit in the HF cache for offline compute nodes.
+
+    lm-eval's humaneval/mbpp task modules load ``code_eval`` when imported, which refuses unless
+    ``HF_ALLOW_CODE_EVAL=1``: set here (as in evaluation) only when the suite says ``allow_code: true``.
+    """
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from evals.lm_eval_runner import task_mapping
+    from evals.lm_eval_runner import code_eval_environment, task_mapping
 
     include = cfg["eval"].get("include_path")
     manager = TaskManager(include_path=include) if include else TaskManager()
-    get_task_dict(list(task_mapping(eval_tasks(cfg), cfg["eval"].get("chat", False)).values()), manager)
+    with code_eval_environment(cfg["eval"].get("allow_code", False)):
+        get_task_dict(list(task_mapping(eval_tasks(cfg), cfg["eval"].get("chat", False)).values()), manager)
 
 
 def _split_dir(data_dir, task, split) -> Path | None:
@@ -117,70 +123,128 @@ def _split_dir(data_dir, task, split) -> Path | None:
 
 # ---------------------------------------------------------------------------------- the models
 
+def _store(cfg: dict) -> Path:
+    """Where fetched models live, one folder per model and revision, shared by every suite."""
+    return Path(cfg.get("models_dir", "resources/models"))
+
+
+def _record(store: Path, out: Path, **extra) -> None:
+    """``out/fetch.json``: the store's fetch record, where it was linked from, and what was changed."""
+    from epmq.hub import FETCH_RECORD
+    from epmq.io import atomic_write_json, provenance
+
+    record = json.loads((store / FETCH_RECORD).read_text())
+    atomic_write_json(out / FETCH_RECORD, {**record, "store": str(store.resolve()), **extra, "linked_by": provenance()})
+
+
 def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> None:
     """Fetch the pretrained model; for CLIP keep the vision tower and build the zero-shot heads."""
-    from epmq.hub import fetch, resource_name, split_clip
+    from epmq.hub import FETCH_RECORD, fetch_to_store, link_model, split_clip
     from evals.clip_eval import build_heads
 
     entry, experts = _entries(cfg)
     label = f"{cfg['suite']} pretrained"
-    if cfg["builder"] != "hub-clip":
-        fetch(entry.source, entry.revision, out, label=label)
-        return
-    from epmq.convert import is_open_clip
+    if cfg["builder"] == "hub-clip":
+        from epmq.convert import is_open_clip
 
-    local = Path(entry.source.removeprefix("local:")).expanduser()
-    if local.exists() and is_open_clip(local):
-        raise ValueError(f"{cfg['experts_table']}: the pretrained row of suite {cfg['suite']} is an open_clip checkpoint "
-                         f"({entry.source}); it must be a full HF CLIPModel (its text tower builds the zero-shot heads). "
-                         "Experts may be open_clip")
-    cache = Path(cfg.get("models_dir", "resources/models")) / resource_name(entry.source, entry.revision)
-    if not cache.exists():
-        fetch(entry.source, entry.revision, cache, label=label)
-    first_expert = experts[next(iter(cfg["tasks"]))]
-    with tempfile.TemporaryDirectory() as tmp:
-        like = Path(tmp) / "expert"
-        fetch(first_expert.source, first_expert.revision, like, label=f"{cfg['suite']} expert {first_expert.task}")
-        vision, zeroshot = split_clip(cache, Path(tmp) / "split", like=like)
+        local = Path(entry.source.removeprefix("local:")).expanduser()
+        if local.exists() and is_open_clip(local):
+            raise ValueError(f"{cfg['experts_table']}: the pretrained row of suite {cfg['suite']} is an open_clip checkpoint "
+                             f"({entry.source}); it must be a full HF CLIPModel (its text tower builds the zero-shot heads). "
+                             "Experts may be open_clip")
+    store = fetch_to_store(entry.source, entry.revision, _store(cfg), label=label)
+    if cfg["builder"] != "hub-clip":
         with atomic_output_dir(out) as staging:
-            for item in vision.iterdir():
-                shutil.move(str(item), staging / item.name)
-            shutil.move(str(zeroshot), staging / "zeroshot")
-            build_heads(staging / "zeroshot", list(cfg["tasks"]), staging / "heads.safetensors", device=_device(cfg))
+            link_model(store, staging, skip=(FETCH_RECORD,))
+            _record(store, staging, dropped_nonpersistent_buffers=[])
+        return
+    first_expert = experts[next(iter(cfg["tasks"]))]
+    like = fetch_to_store(first_expert.source, first_expert.revision, _store(cfg),
+                          label=f"{cfg['suite']} expert {first_expert.task}")
+    with atomic_output_dir(out) as staging:
+        # split into a folder beside the output (same filesystem), then move its parts in
+        vision, zeroshot = split_clip(store, staging / "split", like=like)
+        for item in vision.iterdir():
+            shutil.move(str(item), staging / item.name)
+        shutil.move(str(zeroshot), staging / "zeroshot")
+        shutil.rmtree(staging / "split")
+        split = json.loads((staging / "clip_split.json").read_text())
+        _record(store, staging, dropped_nonpersistent_buffers=split["dropped_nonpersistent_buffers"])
+        build_heads(staging / "zeroshot", list(cfg["tasks"]), staging / "heads.safetensors", device=_device(cfg))
 
 
 def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.PathLike,
              data_dir: str | os.PathLike | None = None) -> None:
-    """Fetch task ``task``'s expert, with the pretrained model's tensor names.
+    """Fetch task ``task``'s expert into the store and link it into ``out``, with the pretrained model's tensor names.
+
+    Only parameters and persistent buffers are compared: a non-persistent buffer the expert's file
+    carries (CLIP's ``position_ids`` in checkpoints older than transformers 4.31) is dropped and
+    listed in ``out/fetch.json``. An expert whose weights need no change is hard-linked, not copied.
 
     An open_clip expert (recognised by its keys, ``visual.conv1.weight``; a local ``.pt``/``.pth``
     state dict, or safetensors from a folder or the hub) is converted to the pretrained tower's
     layout (``epmq.convert``; ``convert.json`` records it, and what the pretrained tower lacks,
     such as open_clip's ``visual.proj``, is dropped and listed there).
     """
+    from safetensors.torch import save_file
+
     from epmq.convert import is_open_clip, open_clip_checkpoint_to_hf
-    from epmq.hub import FETCH_RECORD, align_checkpoint, fetch, is_local_source
+    from epmq.hub import (
+        FETCH_RECORD,
+        align_checkpoint,
+        fetch_to_store,
+        is_local_source,
+        is_nonpersistent,
+        link_model,
+        nonpersistent_buffers,
+    )
     from epmq.io import LazyCheckpoint
 
     _, experts = _entries(cfg)
     entry = experts[task]
     local = Path(entry.source.removeprefix("local:")).expanduser()
-    with tempfile.TemporaryDirectory() as tmp:
-        if is_local_source(entry.source) and local.exists() and is_open_clip(local):
-            fetched = local  # a state-dict file that fetch (folders of safetensors) does not take
-        else:
-            fetched = fetch(entry.source, entry.revision, Path(tmp) / "expert", label=f"{cfg['suite']} expert {task}")
-        if is_open_clip(fetched):
-            converted = Path(tmp) / "converted"
-            open_clip_checkpoint_to_hf(fetched, converted, like=pretrained)
-            if (Path(fetched) / FETCH_RECORD).exists():
-                shutil.copy2(Path(fetched) / FETCH_RECORD, converted / FETCH_RECORD)
-            fetched = converted
-        elif set(LazyCheckpoint(fetched).keys()) != set(LazyCheckpoint(pretrained).keys()):
-            fetched = align_checkpoint(fetched, pretrained, Path(tmp) / "aligned")
+    if is_local_source(entry.source) and local.exists() and is_open_clip(local):
+        # a state-dict file that fetch (folders of safetensors) does not take: converted beside the output
         with atomic_output_dir(out) as staging:
-            for item in Path(fetched).iterdir():
-                shutil.copy2(item, staging / item.name)
+            open_clip_checkpoint_to_hf(local, staging / "converted", like=pretrained)
+            for item in (staging / "converted").iterdir():
+                shutil.move(str(item), staging / item.name)
+            (staging / "converted").rmdir()
+        return
+    store = fetch_to_store(entry.source, entry.revision, _store(cfg), label=f"{cfg['suite']} expert {task}")
+    if is_open_clip(store):
+        with atomic_output_dir(out) as staging:
+            open_clip_checkpoint_to_hf(store, staging / "converted", like=pretrained)
+            for item in (staging / "converted").iterdir():
+                shutil.move(str(item), staging / item.name)
+            (staging / "converted").rmdir()
+            _record(store, staging, dropped_nonpersistent_buffers=[], converted_from="open_clip")
+        return
+    checkpoint = LazyCheckpoint(store)
+    buffers = nonpersistent_buffers(store) | nonpersistent_buffers(pretrained)
+    dropped = [key for key in checkpoint.keys() if is_nonpersistent(key, buffers)]
+    kept = [key for key in checkpoint.keys() if key not in dropped]
+    with atomic_output_dir(out) as staging:
+        if not dropped and set(kept) == set(LazyCheckpoint(pretrained).keys()):
+            link_model(store, staging, skip=(FETCH_RECORD,))
+            _record(store, staging, dropped_nonpersistent_buffers=[], aligned=False)
+            return
+        # weights change: write them (beside the output) without the buffers, then align the names
+        source = staging / "without-buffers"
+        link_model(store, source, skip=(FETCH_RECORD,))
+        for name in ("model.safetensors.index.json", *(p.name for p in source.glob("*.safetensors"))):
+            (source / name).unlink(missing_ok=True)
+        save_file({key: checkpoint.get(key).contiguous() for key in kept}, str(source / "model.safetensors"),
+                  metadata={"format": "pt"})
+        aligned = set(kept) != set(LazyCheckpoint(pretrained).keys())
+        if aligned:
+            align_checkpoint(source, pretrained, staging / "aligned")
+            shutil.rmtree(source)
+            source = staging / "aligned"
+        for item in source.iterdir():
+            shutil.move(str(item), staging / item.name)
+        source.rmdir()
+        _record(store, staging, dropped_nonpersistent_buffers=dropped, aligned=aligned)
 
 
 def write_calibration(cfg: dict, task: str, samples: int, seed: int, out: str | os.PathLike,
