@@ -33,7 +33,9 @@ rule suite_pretrain:
         directory("results/{suite}/pretrained"),
     params:
         suite_config=lambda w: suite_config_path(w.suite),
-    threads: workflow.cores
+    # every core of a local run; a cluster run has no core count (no --cores: `workflow.cores` would
+    # stop it at parse time), so there the suite's `threads`, which the SLURM profile's set-threads raises
+    threads: workflow.resource_settings.cores or config["threads"]
     resources:
         mem_mb=4000,
         runtime=60,
