@@ -14,7 +14,8 @@
 # --gpus=rehearsal:1) are granted as written; the jobs then share this machine's cores.
 # It writes /etc/slurm/{slurm,gres,slurmdbd}.conf (refusing to replace existing ones) and removes
 # them at the end. Work files go to EPMQ_REHEARSAL_DIR (default: a new /tmp/epmq-slurm-rehearsal.XXXXXX);
-# kept, and when reused its local run is kept too.
+# kept, and when reused its local run and hub fixtures are kept too. A config with hub suites
+# (builder hub-*) runs offline on fixtures from scripts/make_hub_fixtures.py (HF_HOME=$WORK/hf).
 # Exit codes: 0 rehearsal passed, 1 it failed, 2 bad usage, 77 SLURM cannot run here (not root, no
 # packages).
 set -euo pipefail
@@ -207,6 +208,21 @@ echo "slurm-rehearsal: one-node SLURM up ($(sinfo -h -o '%P %c CPUs %m MB %G' | 
 
 # --- the DAG, locally and through SLURM ----------------------------------------------------------
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if grep -Eq '^[[:space:]]*builder:[[:space:]]*hub-' "$CONFIG"; then
+    # hub suites fetch from a hub-faithful HF_HOME, offline (made once per work directory); jobs
+    # inherit it (sbatch --export=ALL)
+    if [[ ! -e $WORK/hf/.complete ]]; then
+        rm -rf "$WORK/hf"
+        HF_HOME=$WORK/hf HF_HUB_OFFLINE=1 python "$ROOT/scripts/make_hub_fixtures.py" --hf-home "$WORK/hf" \
+            >"$WORK/fixtures.log" 2>&1 || { tail -n 20 "$WORK/fixtures.log" >&2; exit 1; }
+        touch "$WORK/hf/.complete"
+    fi
+    export HF_HOME=$WORK/hf HF_HUB_OFFLINE=1
+fi
+for run in local cluster; do  # suite YAMLs name config/experts.tsv relative to the working directory
+    mkdir -p "$WORK/$run"
+    ln -sfn "$ROOT/config" "$WORK/$run/config"
+done
 SNAKEMAKE=(python -m snakemake --snakefile "$ROOT/Snakefile" --configfile "$CONFIG")
 START=$SECONDS
 "${SNAKEMAKE[@]}" --profile "$ROOT/profiles/local" --directory "$WORK/local" "${TARGETS[@]}" \
