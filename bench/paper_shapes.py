@@ -3,8 +3,8 @@
 Models: the real configurations of the CLIP ViT-B/32 and ViT-L/14 vision towers, FLAN-T5-base and
 Llama-3.1-8B, cut to one block (T5: one encoder and one decoder block), random weights; experts are
 perturbed copies. Llama's vocabulary is cut to 2,048 rows. Merges and evaluation run at the real
-widths; quantization runs at the real width for ViT-B/32 and at 1/w of it for the others (w = 2
-for ViT-L/14 and T5, 8 for Llama: hidden 512, MLP 1,792), since one real-width GPTQ solve of
+widths; quantization runs at 1/w of them (w = 2 for the CLIP towers and T5, 8 for Llama: hidden
+512, MLP 1,792), since one real-width GPTQ solve of
 Llama's ``down_proj`` takes about ten minutes on one core here. Calibration: 2 tasks of a few samples (below), not the paper's
 K tasks of 256 samples. Every reduction is undone by the formula printed next to the figure.
 
@@ -41,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,7 +75,6 @@ class Family:
     quantize_width: int = 1  # widths divided by this for GPTQ/AWQ/E-PMQ
     largest_tensor_paper: float = 0.0  # elements
     vocab_paper: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def _clip(hidden, intermediate, layers, heads, patch):
@@ -86,13 +85,14 @@ def _clip(hidden, intermediate, layers, heads, patch):
 FAMILIES = {
     "clip-b32": Family("clip-b32 (ViT-B/32, TALL20)", _clip(768, 3072, 1, 12, 32), 12, 1, 87.8e6, 20, 50,
                        ["simple_average", "task_arithmetic", "ties", "wudi"], ["rtn", "gptq", "awq", "epmq"], 128,
-                       samples_measured=4, largest_tensor_paper=3072 * 768),
+                       samples_measured=4, quantize_width=2, largest_tensor_paper=3072 * 768),
     "clip-l14": Family("clip-l14 (ViT-L/14, TALL20)", _clip(1024, 4096, 1, 16, 14), 24, 1, 303.2e6, 20, 257,
                        ["task_arithmetic", "ties"], ["rtn", "gptq", "awq", "epmq"], 128,
                        samples_measured=2, quantize_width=2, largest_tensor_paper=4096 * 1024),
     "flan-t5-base": Family("flan-t5-base (GLUE8)",
                            dict(kind="t5", d_model=768, d_ff=2048, d_kv=64, num_heads=12, num_layers=1,
                                 num_decoder_layers=1, feed_forward_proj="gated-gelu", vocab_size=32128,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                                 tie_word_embeddings=False),
                            24, 2, 247.6e6, 8, 512, ["task_arithmetic", "ties"], ["rtn", "gptq", "awq", "epmq"], 32,
                            samples_measured=2, tokens_per_sample_measured=128, quantize_width=2,
@@ -152,13 +152,17 @@ def write_inputs(family: Family, root: Path, width_divisor: int = 1) -> tuple[Pa
     """The one-block pretrained model and K_MEASURED perturbed experts, as safetensors directories."""
     from safetensors.torch import save_file
 
+    from epmq.io import LazyCheckpoint
+
     model = build_model(family, width_divisor)
     model.save_pretrained(root / "pretrained")
+    stored = set(LazyCheckpoint(root / "pretrained").keys())  # tied copies (T5's embeddings) are saved once
     experts = []
     for index in range(K_MEASURED):
         generator = torch.Generator().manual_seed(100 + index)
         state = {key: (value.float() + 0.01 * torch.randn(value.shape, generator=generator)).to(value.dtype).contiguous()
-                 if value.is_floating_point() else value.contiguous() for key, value in model.state_dict().items()}
+                 if value.is_floating_point() else value.contiguous()
+                 for key, value in model.state_dict().items() if key in stored}
         experts.append(root / f"expert{index}")
         experts[-1].mkdir()
         save_file(state, str(experts[-1] / "model.safetensors"), metadata={"format": "pt"})
@@ -303,6 +307,12 @@ def measure_family(family: Family, workdir: Path, threads: int) -> list[Row]:
     return rows
 
 
+def format_row(row: Row) -> str:
+    hours = f"{row.paper_hours:.2f}" if row.paper_hours is not None else "-"
+    return (f"{row.rule:<9} {row.family:<34} {row.work:<18} {row.seconds:>7.1f} {row.peak_mib:>9.0f} {hours:>13} "
+            f"{row.paper_gib:>9.1f}  {row.formula}")
+
+
 def _load_memory():
     import importlib.util
 
@@ -321,7 +331,8 @@ def profile_requests() -> dict[str, dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=["flan-t5-base", "llama-8b", "clip-b32", "clip-l14"],
+                        choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
@@ -333,7 +344,10 @@ def main() -> int:
         for name in args.families:
             family_dir = scratch / name
             family_dir.mkdir(parents=True)
-            rows += measure_family(FAMILIES[name], family_dir, args.threads)
+            family_rows = measure_family(FAMILIES[name], family_dir, args.threads)
+            for row in family_rows:
+                print(format_row(row), flush=True)
+            rows += family_rows
             shutil.rmtree(family_dir)
             print(f"[{name} measured: {time.perf_counter() - started:.0f} s wall, {time.process_time():.0f} s CPU]",
                   flush=True)
@@ -347,9 +361,7 @@ def main() -> int:
     print(header)
     flagged = []
     for row in rows:
-        hours = f"{row.paper_hours:.2f}" if row.paper_hours is not None else "-"
-        print(f"{row.rule:<9} {row.family:<34} {row.work:<18} {row.seconds:>7.1f} {row.peak_mib:>9.0f} {hours:>13} "
-              f"{row.paper_gib:>9.1f}  {row.formula}")
+        print(format_row(row))
         if row.paper_gib * 1024 > requests[row.rule]["mem_mb"]:  # SLURM's MB are MiB
             flagged.append(row)
     print("\nprofiles/slurm/config.yaml requests and the largest extrapolated need:")
