@@ -105,20 +105,51 @@ def quantization_info(path: str | Path) -> dict | None:
     return info
 
 
-def dequantized_state(checkpoint: LazyCheckpoint, layers: dict) -> dict[str, torch.Tensor]:
-    """Every tensor of a quantized checkpoint, with quantized linears turned back into ``weight``."""
-    packed = {f"{name}.{suffix}" for name, spec in layers.items() if spec["bits"] for suffix in _SUFFIXES}
+#: bytes of unpacking scratch per chunk of rows (the bit stream is int64, ~3 copies alive at once)
+_UNPACK_BUDGET = 8 << 20
+
+
+def quantized_layers(info: dict) -> dict[str, dict]:
+    """The linears of ``quantization.json`` stored packed (not the unrounded ``weight`` rows)."""
+    return {name: spec for name, spec in info["layers"].items() if spec["bits"]}
+
+
+def dequantize_into(out: torch.Tensor, checkpoint: LazyCheckpoint, name: str, spec: dict,
+                    stored_dtype: torch.dtype) -> torch.Tensor:
+    """Write linear ``name``'s dequantized weight into ``out`` (d_out x d_in), a chunk of rows at a time.
+
+    Each chunk goes through :attr:`QuantizedWeight.weight` (float32), then the dtype the model had
+    when it was saved, then ``out``'s dtype: values equal those of a whole-matrix dequantization,
+    while the scratch stays near ``_UNPACK_BUDGET`` bytes whatever the layer's size.
+    """
+    g_idx = checkpoint.get(f"{name}.g_idx").long()
+    packed = checkpoint.get(f"{name}.qweight")
+    scales = checkpoint.get(f"{name}.scales")
+    zeros = checkpoint.get(f"{name}.qzeros")
+    bits, d_in = spec["bits"], g_idx.numel()
+    rows = max(1, _UNPACK_BUDGET // (3 * 8 * bits * max(d_in, 1)))
+    for start in range(0, packed.shape[0], rows):
+        chunk = slice(start, start + rows)
+        quantized = QuantizedWeight(unpack_codes(packed[chunk], bits, d_in), scales[chunk], zeros[chunk], g_idx,
+                                    bits, spec["group_size"], spec["sym"])
+        out[chunk].copy_(quantized.weight.to(stored_dtype))
+    return out
+
+
+def dequantized_state(checkpoint: LazyCheckpoint, info: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized checkpoint, with quantized linears turned back into ``weight``.
+
+    Holds the whole model at once; :func:`load_model` fills a model in place instead.
+    """
+    layers = quantized_layers(info)
+    stored_dtype = getattr(torch, info.get("dtype", "float32"))
+    packed = {f"{name}.{suffix}" for name in layers for suffix in _SUFFIXES}
     state = {key: checkpoint.get(key) for key in checkpoint.keys() if key not in packed}
     for name, spec in layers.items():
-        if not spec["bits"]:
-            continue
-        g_idx = checkpoint.get(f"{name}.g_idx").long()
-        codes = unpack_codes(checkpoint.get(f"{name}.qweight"), spec["bits"], g_idx.numel())
-        quantized = QuantizedWeight(
-            codes, checkpoint.get(f"{name}.scales"), checkpoint.get(f"{name}.qzeros"), g_idx,
-            spec["bits"], spec["group_size"], spec["sym"],
-        )
-        state[f"{name}.weight"] = quantized.weight
+        d_out = checkpoint.shape_dtype(f"{name}.scales")[0][0]
+        d_in = checkpoint.shape_dtype(f"{name}.g_idx")[0][0]
+        state[f"{name}.weight"] = dequantize_into(torch.empty(d_out, d_in, dtype=stored_dtype), checkpoint, name, spec,
+                                                  stored_dtype)
     return state
 
 
@@ -142,7 +173,7 @@ def model_class(config) -> type[nn.Module]:
 def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load any checkpoint this project writes: HF directories, merged models, quantized models.
 
-    Quantized checkpoints are rebuilt with dequantized float weights (cast to the model's dtype).
+    Quantized checkpoints are rebuilt with dequantized float weights (see :func:`load_quantized`).
     """
     import transformers
 
@@ -152,25 +183,47 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     info = quantization_info(path)
     if info is None:
         return cls.from_pretrained(path, dtype=dtype) if dtype else cls.from_pretrained(path)
-    model = cls(config).to(getattr(torch, info.get("dtype", "float32")))
-    validate_quantized_state(LazyCheckpoint(path), info["layers"], model)
-    state = dequantized_state(LazyCheckpoint(path), info["layers"])
-    wrap_scaled_activations(model, state, {key: tuple(value.shape) for key, value in state.items()})  # AWQ
-    expected = model.state_dict()
-    state = {key: value.to(expected[key].dtype) if key in expected else value for key, value in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [key for key in missing if key not in tied and not _shares_storage(model, key, state)]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return load_quantized(path, cls, config, info, dtype)
+
+
+def load_quantized(path: Path, cls: type[nn.Module], config, info: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a quantized checkpoint in ``dtype`` (default: the dtype it was saved in), in place.
+
+    The model is allocated once, uninitialised, in its final dtype; then each stored tensor is copied
+    into its parameter and each packed linear is dequantized straight into its weight, one linear
+    at a time. Peak memory is the model plus one tensor being read, not a second copy of the state.
+    """
+    from transformers.initialization import no_init_weights
+
+    stored_dtype = getattr(torch, info.get("dtype", "float32"))
+    checkpoint = LazyCheckpoint(path)
+    with no_init_weights():
+        model = cls._from_config(config, dtype=dtype or stored_dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    if dtype is not None:
-        model = model.to(dtype)
+    validate_quantized_state(checkpoint, info["layers"], model)
+    layers = quantized_layers(info)
+    packed = {f"{name}.{suffix}" for name in layers for suffix in _SUFFIXES}
+    stored = [key for key in checkpoint.keys() if key not in packed]
+    # activations AWQ stored scaled (``scale_activation``) become ScaledActivation modules first
+    wrap_scaled_activations(model, stored, {key: checkpoint.shape_dtype(key)[0] for key in stored})
+    targets = model.state_dict()
+    unexpected = [key for key in stored if key not in targets]
+    unexpected += [f"{name}.weight" for name in layers if f"{name}.weight" not in targets]
+    loaded = set()
+    for key in stored:
+        if key in targets:
+            with torch.no_grad():
+                checkpoint.read_into(key, targets[key])
+            loaded.add(key)
+    for name, spec in layers.items():
+        key = f"{name}.weight"
+        if key in targets:
+            with torch.no_grad():
+                dequantize_into(targets[key], checkpoint, name, spec, stored_dtype)
+            loaded.add(key)
+    storage = {targets[key].data_ptr() for key in loaded if targets[key].numel()}
+    missing = [key for key in targets if key not in loaded and targets[key].data_ptr() not in storage]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
-
-
-def _shares_storage(model: nn.Module, key: str, state: dict) -> bool:
-    """Whether ``key`` is a parameter tied to one that the checkpoint holds."""
-    params = model.state_dict()
-    return any(params[key].data_ptr() == params[other].data_ptr() for other in state if other in params and other != key)

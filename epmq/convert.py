@@ -445,7 +445,7 @@ def read_hf_state(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         state = {key: checkpoint.get(key) for key in checkpoint.keys()}
         origin = {"quantized": False}
     else:
-        state = dequantized_state(checkpoint, info["layers"])
+        state = dequantized_state(checkpoint, info)
         origin = {"quantized": True, "method": info.get("method"), "dequantized": "scales * (codes - zeros)"}
     return state, config, origin
 

@@ -45,6 +45,8 @@ class QuantizationResult:
     replacements: dict[str, LayerResult] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    #: where each layer's replacement is kept once the layer is done
+    device: str | torch.device = "cpu"
 
 
 @dataclass
@@ -99,8 +101,13 @@ def quantize_model(
     method: QuantMethod,
     tasks: list[CalibrationTask] | None = None,
     adapter: ModelAdapter | None = None,
+    results_device: str | torch.device = "cpu",
 ) -> QuantizationResult:
-    """Quantize ``model`` in place (weights replaced by their dequantized values) and return the result."""
+    """Quantize ``model`` in place (weights replaced by their dequantized values) and return the result.
+
+    Each layer's replacement (codes, scales, zeros) moves to ``results_device`` as soon as the
+    layer is done, so a model quantized on a GPU does not keep every layer's codes there.
+    """
     adapter = adapter or adapter_for(model)
     tasks = tasks or []
     if method.needs_calibration and not tasks:
@@ -110,7 +117,7 @@ def quantize_model(
         if missing:
             raise ValueError(f"method {method.name!r} needs an expert checkpoint for every task; missing: {missing}")
     model.eval()
-    result = QuantizationResult()
+    result = QuantizationResult(device=results_device)
     start = time.perf_counter()
     with torch.no_grad(), _tf32_off():
         for stack in adapter.stacks(model):
@@ -260,7 +267,7 @@ def _quantize_linear(method, full_name, linear: nn.Linear, stats, stats_seconds,
     if stats is not None:
         record["tokens"] = stats.tokens
     log.info(json.dumps(record))
-    result.replacements[full_name] = layer
+    result.replacements[full_name] = layer.to(result.device)
     result.records.append(record)
 
 

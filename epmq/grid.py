@@ -119,6 +119,11 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def to(self, device) -> QuantizedWeight:
+        """The same weight with every tensor on ``device``."""
+        return QuantizedWeight(self.codes.to(device), self.scales.to(device), self.zeros.to(device),
+                               self.g_idx.to(device), self.bits, self.group_size, self.sym)
+
 
 def rtn_quantize(
     weight: torch.Tensor, bits: int, group_size: int, sym: bool = False, grid: str = "zero_inclusive"

@@ -302,6 +302,7 @@ class LazyCheckpoint:
                     view = handle.get_slice(key)
                     self._headers[key] = (tuple(view.get_shape()), view.get_dtype())
         self._resolved: dict[str, str] = {}
+        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}
 
     @staticmethod
     @contextlib.contextmanager
@@ -351,6 +352,57 @@ class LazyCheckpoint:
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
         """Shape and safetensors dtype string of a tensor, read from the header only."""
         return self._headers[self.resolve(key)]
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy the tensor stored as ``key`` into ``out`` (same shape; any dtype), and return ``out``.
+
+        When ``out`` is a contiguous CPU tensor of the stored dtype, the bytes are read from the file
+        straight into its memory: no mapping and no intermediate tensor, so filling a model this
+        way costs no more memory than the model. Otherwise they go through one tensor of the
+        stored dtype.
+        """
+        stored = self.resolve(key)
+        shape, dtype_name = self._headers[stored]
+        if tuple(out.shape) != shape:
+            raise CheckpointError(f"{self.path}: tensor {stored!r} has shape {shape}, expected {tuple(out.shape)}")
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            return out.copy_(self.get(key))
+        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+        target = out if direct else torch.empty(shape, dtype=dtype)
+        file = self._files[self._where[stored]]
+        begin, end = self._byte_ranges(file)[stored]
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        if len(view) != end - begin:
+            raise CheckpointError(f"{file}: tensor {stored!r} spans {end - begin} bytes, its shape needs {len(view)}")
+        with open(file, "rb", buffering=0) as handle:
+            handle.seek(begin)
+            done = 0
+            while done < len(view):
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise CheckpointError(f"{file} ends inside tensor {stored!r} (truncated?)")
+                done += count
+        return out if direct else out.copy_(target)
+
+    def _byte_ranges(self, file: Path) -> dict[str, tuple[int, int]]:
+        """Absolute byte range of every tensor in ``file``, from its safetensors header."""
+        if file not in self._ranges:
+            with open(file, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            base = 8 + length
+            self._ranges[file] = {key: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+                                  for key, entry in header.items() if key != "__metadata__"}
+        return self._ranges[file]
+
+
+#: safetensors dtype names of the tensors :meth:`LazyCheckpoint.read_into` reads byte for byte
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _git_commit() -> str | None:

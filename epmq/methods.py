@@ -91,6 +91,10 @@ class LayerResult:
     def weight(self) -> torch.Tensor:
         return self.replacement.weight if isinstance(self.replacement, QuantizedWeight) else self.replacement
 
+    def to(self, device) -> LayerResult:
+        """The same result with its replacement on ``device``."""
+        return LayerResult(self.replacement.to(device), self.record)
+
 
 class QuantMethod:
     """Base class: subclasses set the flags and implement :meth:`quantize`."""

@@ -10,7 +10,9 @@ scale stay pretrained. They come from the ``zeroshot/`` folder written by
   texts tokenized with padding, as FusionBench's ``HFCLIPClassifier``). Written once to a
   ``heads.safetensors`` (``visual_projection.weight``, ``logit_scale``, ``heads.<task>``), the
   format the mini suite's evaluator reads too.
-- images: the task's test split through the CLIP image processor, the vision tower (loaded with
+- images: the task's test split through the CLIP image processor (a batch at a time, in
+  ``workers`` DataLoader processes, pinned when the tower is on CUDA, so decoding and resizing
+  overlap the forward passes), the vision tower (loaded with
   ``epmq.checkpoint.load_model``, so plain, merged and quantized checkpoints all work), the pooled
   output through the pretrained visual projection, L2-normalised; top-1 accuracy of
   ``exp(logit_scale) * image @ heads.T`` with its binomial standard error.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -113,26 +116,56 @@ def load_vision_encoder(model_dir: str | Path, device: str = "cpu"):
 
     @torch.inference_mode()
     def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        return vision(pixel_values=pixel_values.to(device)).pooler_output.float().cpu()
+        return vision(pixel_values=pixel_values.to(device, non_blocking=True)).pooler_output.float().cpu()
 
     return encode
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the job's allocation under SLURM, not the node's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """Batch ``index`` of the first ``n`` rows of ``dataset``, preprocessed: (pixel_values, labels).
+
+    One item is a whole batch, so each worker runs the image processor on a batch at once.
+    """
+
+    def __init__(self, dataset, processor, n: int, batch_size: int):
+        self.dataset, self.processor, self.n, self.batch_size = dataset, processor, n, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from evals.datasets import pixel_values
+
+        rows = self.dataset[index * self.batch_size : min((index + 1) * self.batch_size, self.n)]
+        return pixel_values(self.processor, rows["image"]), torch.tensor([int(label) for label in rows["label"]])
+
+
+def image_batches(dataset, processor, *, batch_size: int = 128, limit: int | None = None, workers: int = 0,
+                  pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Preprocessed batches of a task's images, in order, prepared by ``workers`` processes (0: this one)."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return torch.utils.data.DataLoader(ImageBatches(dataset, processor, n, batch_size), batch_size=None,
+                                       num_workers=workers, pin_memory=pin_memory)
+
+
 @torch.inference_mode()
 def evaluate_task(encode, heads: Mapping[str, torch.Tensor], task: str, dataset, processor, *,
-                  batch_size: int = 128, limit: int | None = None) -> dict:
+                  batch_size: int = 128, limit: int | None = None, workers: int = 0, pin_memory: bool = False) -> dict:
     """Top-1 accuracy of one task: ``dataset`` has ``image`` (PIL) and ``label`` columns."""
     from evals import clip_zeroshot as zs
-    from evals.datasets import pixel_values
 
-    n = len(dataset) if limit is None else min(limit, len(dataset))
     predictions, labels = [], []
-    for start in progress(range(0, n, batch_size), f"evaluating {task}", unit="batch"):
-        rows = dataset[start : min(start + batch_size, n)]
-        features = zs.image_features(encode(pixel_values(processor, rows["image"])), heads["visual_projection.weight"])
+    batches = image_batches(dataset, processor, batch_size=batch_size, limit=limit, workers=workers, pin_memory=pin_memory)
+    for pixels, batch_labels in progress(batches, f"evaluating {task}", unit="batch"):
+        features = zs.image_features(encode(pixels), heads["visual_projection.weight"])
         logits = zs.zeroshot_logits(features, heads[f"heads.{task}"], heads["logit_scale"])
         predictions.append(logits.argmax(dim=-1))
-        labels.append(torch.tensor([int(label) for label in rows["label"]]))
+        labels.append(batch_labels)
     accuracy, stderr, count = zs.accuracy(torch.cat(predictions), torch.cat(labels))
     return {"metric": "top1", "accuracy": accuracy, "stderr": stderr, "n": count}
 
@@ -150,8 +183,11 @@ def evaluate_clip(
     batch_size: int = 128,
     limit: int | None = None,
     device: str = "cpu",
+    workers: int = 0,
 ) -> dict[str, dict]:
     """Evaluate a vision tower on ``tasks``; write ``<out_dir>/<task>.json``; return the results.
+
+    ``workers`` processes preprocess the images (0: the main process does it between batches).
 
     Heads come from ``heads_file`` (built with :func:`build_heads` if it does not exist yet and
     ``zeroshot_dir`` is given) or straight from ``zeroshot_dir``. The image processor is read
@@ -183,7 +219,8 @@ def evaluate_clip(
         dataset = (datasets or {}).get(task)
         if dataset is None:
             dataset = load_clip_task(task, "test", (data or {}).get(task))
-        result = evaluate_task(encode, heads, task, dataset, processor, batch_size=batch_size, limit=limit)
+        result = evaluate_task(encode, heads, task, dataset, processor, batch_size=batch_size, limit=limit,
+                               workers=workers, pin_memory=torch.device(device).type == "cuda")
         results[task] = {"task": task, **result, "model": str(model_dir), "heads": str(heads_file or zeroshot_dir),
                          "split": spec.test_split, "dataset": str((data or {}).get(task) or spec.dataset)}
         log.info("%s: %.2f%% +- %.2f (n=%d)", task, result["accuracy"], result["stderr"], result["n"])
@@ -205,6 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=None, help="first N test images only (smoke runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image preprocessing processes (default: the CPUs this job may use)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out-dir is required with --model")
     evaluate_clip(args.model, args.tasks, args.out_dir, heads_file=args.heads, zeroshot_dir=args.zeroshot,
                   processor_dir=args.processor, data=parse_data(args.data), batch_size=args.batch_size,
-                  limit=args.limit, device=args.device)
+                  limit=args.limit, device=args.device,
+                  workers=available_cpus() if args.workers is None else args.workers)
     return 0
 
 

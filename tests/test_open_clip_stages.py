@@ -122,7 +122,7 @@ def test_quantize_and_export_take_open_clip(tmp_path, open_clip_models):
     # export the quantized tower as open_clip: the dequantized weights, fused again
     assert main(["export", "--format", "open_clip", "--model", str(out), "--out", str(tmp_path / "q.safetensors")]) == 0
     back, metadata = read_state_dict(tmp_path / "q.safetensors")
-    dequantized = dequantized_state(LazyCheckpoint(out), info["layers"])
+    dequantized = dequantized_state(LazyCheckpoint(out), info)
     q, k, v = (dequantized[f"vision_model.encoder.layers.1.self_attn.{name}.weight"] for name in ("q_proj", "k_proj", "v_proj"))
     assert torch.equal(back["visual.transformer.resblocks.1.attn.in_proj_weight"], torch.cat([q, k, v]))
     assert json.loads(metadata["epmq_convert"])["quantized"] is True

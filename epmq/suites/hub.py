@@ -284,12 +284,13 @@ def evaluate(cfg: dict, model_dir, tasks, data_dir, suite_dir) -> dict[str, dict
     options = cfg["eval"]
     with tempfile.TemporaryDirectory() as out:
         if cfg["builder"] == "hub-clip":
-            from evals.clip_eval import evaluate_clip
+            from evals.clip_eval import available_cpus, evaluate_clip
 
             data = {t: p for t in tasks if (p := _split_dir(data_dir, t, "test") or cfg["datasets"].get(t))}
             return evaluate_clip(model_dir, tasks, out, heads_file=suite_dir / "pretrained" / "heads.safetensors",
                                  processor_dir=suite_dir / "pretrained" / "zeroshot", data=data,
-                                 batch_size=options.get("batch_size", 128), limit=options.get("limit"), device=_device(cfg))
+                                 batch_size=options.get("batch_size", 128), limit=options.get("limit"), device=_device(cfg),
+                                 workers=cfg.get("threads") or available_cpus())
         if cfg["builder"] == "hub-t5":
             from evals.glue import evaluate_glue
 

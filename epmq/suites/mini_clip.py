@@ -43,7 +43,7 @@ def image_encoder(model_dir: str | os.PathLike):
     if info is None:
         state = {key: checkpoint.get(key) for key in checkpoint.keys()}
     else:
-        state = dequantized_state(checkpoint, info["layers"])
+        state = dequantized_state(checkpoint, info)
     return zs.ClipVisionTower(config, state).eval()
 
 
