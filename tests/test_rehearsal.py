@@ -26,6 +26,7 @@ def _snakemake(work: Path, hf_home: Path, *args: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.slow
+@pytest.mark.rehearsal
 def test_paper_rehearsal_builds_every_target_and_rerun_does_nothing(tmp_path):
     hf_home = tmp_path / "hf"
     made = subprocess.run([sys.executable, str(REPO / "scripts" / "make_hub_fixtures.py"), "--hf-home", str(hf_home)],

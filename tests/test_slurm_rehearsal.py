@@ -21,6 +21,7 @@ CANNOT_RUN_HERE = 77
 
 
 @pytest.mark.slow
+@pytest.mark.rehearsal
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="starts munged, MariaDB and SLURM daemons: needs root")
 @pytest.mark.skipif(not shutil.which("apt-get") and not shutil.which("slurmctld"),
                     reason="no SLURM packages and no apt-get to install them")
