@@ -15,8 +15,9 @@ def test_diagnose_offline_plans_one_diagnosis_per_offline_suite(tmp_path):
                     "-n", "diagnose_offline", "--quiet", "rules", cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
     jobs = planned(out.stdout)
-    assert jobs["diagnose"] == 3 and jobs["merge"] == 3  # mini-clip8, mini-text4, mini-llm3: task_arithmetic only
-    assert jobs["quantize"] == 9  # rtn, gptq, epmq at each suite's default grid
+    # mini-clip8, mini-dino, mini-text4, mini-llm3: task_arithmetic only
+    assert jobs["diagnose"] == 4 and jobs["merge"] == 4
+    assert jobs["quantize"] == 12  # rtn, gptq, epmq at each suite's default grid
 
 
 def test_default_targets_do_not_diagnose(tmp_path):

@@ -29,6 +29,11 @@ SITE = {
 
 
 def snakemake(*args, cwd, env=None):
+    if "--directory" in args:  # config/experts.tsv is read (and declared) relative to the working directory
+        workdir = Path(args[args.index("--directory") + 1])
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not (workdir / "config").exists():
+            (workdir / "config").symlink_to(ROOT / "config")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("EPMQ_SLURM_")}
     env = {**clean, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"),
