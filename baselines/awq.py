@@ -170,22 +170,16 @@ def _counted_tokens(context, name, batch, x):
     return x.reshape(-1, x.shape[-1])
 
 
-def input_means_and_counts(context, first_linears: list[str], names: list[str]):
-    """Per-channel ``mean |x|`` of each of ``first_linears``' inputs, and every linear's token count,
-    streamed over every calibration batch (llm-awq's ``get_act_scale``)."""
-    sums = {name: None for name in first_linears}
-    counts = dict.fromkeys(names, 0)
+def _each_linear_input(context, names, consume) -> None:
+    """Run every calibration batch through the block, calling ``consume(name, x)`` with the counted
+    tokens ``x`` (n x d_in) that reach each linear of ``names``."""
     batch = {}
 
     def hook(name):
-        def accumulate(module, args):
-            x = _counted_tokens(context, name, batch["current"], args[0])
-            counts[name] += x.shape[0]
-            if name in sums:
-                total = x.abs().sum(dim=0, dtype=torch.float64)
-                sums[name] = total if sums[name] is None else sums[name] + total
+        def call(module, args):
+            consume(name, _counted_tokens(context, name, batch["current"], args[0]))
 
-        return accumulate
+        return call
 
     with _Hooks() as hooks:
         for name in names:
@@ -193,6 +187,21 @@ def input_means_and_counts(context, first_linears: list[str], names: list[str]):
         for block_input in context.all_inputs():
             batch["current"] = block_input.batch
             context.run(block_input)
+
+
+def input_means_and_counts(context, first_linears: list[str], names: list[str]):
+    """Per-channel ``mean |x|`` of each of ``first_linears``' inputs, and every linear's token count,
+    streamed over every calibration batch (llm-awq's ``get_act_scale``)."""
+    sums = {name: None for name in first_linears}
+    counts = dict.fromkeys(names, 0)
+
+    def accumulate(name, x):
+        counts[name] += x.shape[0]
+        if name in sums:
+            total = x.abs().sum(dim=0, dtype=torch.float64)
+            sums[name] = total if sums[name] is None else sums[name] + total
+
+    _each_linear_input(context, names, accumulate)
     for name, count in counts.items():
         if not count:
             raise ValueError(f"no calibration token reaches {context.prefix}.{name} (every mask is zero)")
@@ -207,24 +216,14 @@ def sampled_tokens(context, counts: dict[str, int], tokens: int) -> dict[str, to
     strides = {name: max(1, count // tokens) for name, count in counts.items()}
     chunks = {name: [] for name in counts}
     seen = dict.fromkeys(counts, 0)
-    batch = {}
 
-    def hook(name):
-        def gather(module, args):
-            x = _counted_tokens(context, name, batch["current"], args[0])
-            first = -seen[name] % strides[name]
-            rows = torch.arange(first, x.shape[0], strides[name], device=x.device)
-            chunks[name].append(x[rows].clone())
-            seen[name] += x.shape[0]
+    def gather(name, x):
+        first = -seen[name] % strides[name]
+        rows = torch.arange(first, x.shape[0], strides[name], device=x.device)
+        chunks[name].append(x[rows].clone())
+        seen[name] += x.shape[0]
 
-        return gather
-
-    with _Hooks() as hooks:
-        for name in counts:
-            hooks.pre(context.block.get_submodule(name), hook(name))
-        for block_input in context.all_inputs():
-            batch["current"] = block_input.batch
-            context.run(block_input)
+    _each_linear_input(context, list(counts), gather)
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
