@@ -1,0 +1,211 @@
+"""Where a build's job-seconds go: start-up (interpreter + imports) against work, per rule.
+
+    python bench/startup.py [--benchmarks benchmarks] [--before DIR] [--suite mini-clip8]
+                            [--suite-dir results/mini-clip8] [--repeats 1] [--finetune]
+
+1. Per rule, from Snakemake's benchmark files (``benchmarks/{suite}/...`` and the suite's targets'
+   ``benchmarks/tables/...``): jobs, job-seconds (column ``s``), CPU seconds; ``--before`` adds a
+   second benchmark folder (an earlier build) beside it.
+2. Per rule, one real job of its stage (``python -m epmq <stage>``, as the rule calls it) on an
+   already built suite (``--suite-dir``), run under ``python -X importtime`` with its outputs in a
+   temporary folder: the job's wall seconds and its start-up seconds, that is the interpreter
+   (``python -c pass``) plus every module the job imports (top-level modules' cumulative import
+   times, lazy imports inside the stage included).
+3. Per rule: jobs x start-up seconds and its share of the rule's job-seconds; the rest is work.
+
+``-X importtime`` adds its own bookkeeping to every import, so the start-up is slightly overstated.
+Rules with no measured job (``suite_data``, ``suite_pretrain``: one job each; ``suite_finetune``
+without ``--finetune``, 30 s a job) show no start-up column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+from epmq.suites.registry import packaged_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$")  # top level: exactly one space
+
+
+def rule_of(path: Path, root: Path) -> str:
+    """The rule a benchmark file belongs to: ``{suite}/{rule}[/...].tsv``, ``{suite}/{rule}.tsv`` or
+    ``tables/{target}.{rule}.tsv``."""
+    parts = path.relative_to(root).parts
+    if parts[0] == "tables":
+        return path.name.split(".")[-2]
+    return parts[1] if len(parts) > 2 else Path(parts[1]).stem
+
+
+def benchmark_totals(root: Path, suite: str, targets: list[str]) -> dict[str, dict]:
+    """Per rule: jobs, job-seconds and CPU seconds of a suite's benchmark files and its targets' tables."""
+    files = sorted((root / suite).rglob("*.tsv"))
+    files += [path for path in sorted((root / "tables").glob("*.tsv")) if path.name.split(".")[0] in targets]
+    totals: dict[str, dict] = defaultdict(lambda: {"jobs": 0, "s": 0.0, "cpu": 0.0})
+    for path in files:
+        with path.open() as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        if not rows:
+            continue
+        row = rows[-1]  # a rerun appends a line: the last one is the job that made the output
+        total = totals[rule_of(path, root)]
+        total["jobs"] += 1
+        total["s"] += float(row["s"])
+        total["cpu"] += float(row["cpu_time"]) if row.get("cpu_time", "NA") != "NA" else 0.0
+    return dict(totals)
+
+
+def import_seconds(stderr: str) -> float:
+    """Sum of the cumulative import times of the top-level modules in ``-X importtime`` output."""
+    total = 0
+    for line in stderr.splitlines():
+        match = _IMPORT_LINE.match(line)
+        if match and not match[2].startswith(" "):
+            total += int(match[1])
+    return total / 1e6
+
+
+def timed(argv: list[str]) -> tuple[float, float] | str:
+    """Wall seconds and import seconds of one ``python -X importtime`` run, or why it failed."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        said = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("import time:")]
+        return f"exit code {done.returncode}: {said[-1] if said else ''}"
+    return wall, import_seconds(done.stderr)
+
+
+def stage_jobs(suite_dir: Path, suite_config: str, config: dict, tmp: Path, finetune: bool) -> dict[str, list[str]]:
+    """One real job per rule, as ``rules/*.smk`` calls its stage, with its outputs under ``tmp``."""
+    tasks = sorted(path.name for path in (suite_dir / "experts").iterdir())
+    experts = [str(suite_dir / "experts" / task) for task in tasks]
+    data, common = str(suite_dir / "data"), ["--suite-config", suite_config]
+    merged = sorted((suite_dir / "merged").iterdir())[0]
+    eval_dirs = sorted({str(path.parent) for path in (suite_dir / "eval").rglob("*.json")})
+    table, figure = (next(name for name, spec in config["targets"].items() if spec["layout"] != "plot"),
+                     next(name for name, spec in config["targets"].items() if spec["layout"] == "plot"))
+    metrics = tmp / "metrics.csv"
+    jobs = {
+        "suite_calib": ["-m", "epmq", "suite", "calib", *common, "--data", data, "--task", tasks[0],
+                        "--suite-dir", str(suite_dir), "--samples", "64", "--seed", "0", "--out", str(tmp / "calib.safetensors")],
+        "merge": ["-m", "epmq", "merge", "--method", "simple_average", "--pretrained", str(suite_dir / "pretrained"),
+                  "--experts", *experts, "--out", str(tmp / "merged")],
+        "quantize": ["-m", "epmq", "quantize", "--model", str(merged), "--method", "rtn", "--bits", "4",
+                     "--group-size", "128", "--threads", "1", "--experts", "--calib", "--tasks", "--out", str(tmp / "quant")],
+        "evaluate": ["-m", "epmq", "evaluate", *common, "--suite-dir", str(suite_dir), "--model", experts[0],
+                     "--data", data, "--threads", "1", "--tasks", tasks[0], "--out-dir", str(tmp / "eval")],
+        "aggregate": ["-m", "epmq", "aggregate", "--eval-dirs", *eval_dirs, "--out", str(metrics)],
+        "render": ["-m", "epmq", "render", "--target", table, "--spec", json.dumps(config["targets"][table]),
+                   "--metrics", str(metrics), "--out-dir", str(tmp / "tables")],
+        "plot": ["-m", "epmq", "render", "--target", figure, "--spec", json.dumps(config["targets"][figure]),
+                 "--metrics", str(metrics), "--out-dir", str(tmp / "tables"), "--figure"],
+    }
+    if finetune:
+        jobs["suite_finetune"] = ["-m", "epmq", "suite", "finetune", *common, "--data", data, "--pretrained",
+                                  str(suite_dir / "pretrained"), "--task", tasks[0], "--threads", "1",
+                                  "--out", str(tmp / "expert")]
+    return jobs
+
+
+def measure_startup(jobs: dict[str, list[str]], tmp: Path, repeats: int) -> tuple[float, dict[str, dict]]:
+    """Interpreter seconds, and per rule the median wall and start-up seconds of its job."""
+    bare = [timed(["-c", "pass"]) for _ in range(max(repeats, 3))]  # cannot fail
+    interpreter = statistics.median(wall - imports for wall, imports in bare)
+    measured = {}
+    for rule, argv in jobs.items():  # in order: render and plot read aggregate's CSV
+        runs = []
+        for _ in range(repeats):
+            for path in tmp.iterdir():  # every stage refuses a non-empty output it did not write
+                if path.name != "metrics.csv" or rule == "aggregate":
+                    subprocess.run(["rm", "-rf", str(path)], check=True)
+            runs.append(timed(argv))
+        failed = [run for run in runs if isinstance(run, str)]
+        if failed:  # e.g. a figure whose models this build did not evaluate
+            print(f"  {rule}: not measured ({failed[0]})", file=sys.stderr)
+            continue
+        wall = statistics.median(run[0] for run in runs)
+        imports = statistics.median(run[1] for run in runs)
+        measured[rule] = {"wall": wall, "startup": interpreter + imports}
+        print(f"  {rule}: {' '.join(argv[:4])} ... wall {wall:.2f} s, start-up {interpreter + imports:.2f} s", file=sys.stderr)
+    return interpreter, measured
+
+
+def report(after: dict, before: dict | None, measured: dict[str, dict]) -> str:
+    head = "| rule | jobs | job-s | CPU-s | s/job |"
+    rule_line = "|---|---:|---:|---:|---:|"
+    if before is not None:
+        head += " jobs before | job-s before | s/job before |"
+        rule_line += "---:|---:|---:|"
+    head += " measured job s | start-up s/job | start-up job-s | start-up share |"
+    rule_line += "---:|---:|---:|---:|"
+    lines = [head, rule_line]
+    rules = sorted(set(after) | set(before or {}), key=lambda r: -(after.get(r, {}).get("s") or 0))
+    blank = {"jobs": 0, "s": 0.0, "cpu": 0.0}
+    for rule in [*rules, "total"]:
+        if rule == "total":
+            a = {key: sum(t[key] for t in after.values()) for key in blank}
+            b = {key: sum(t[key] for t in before.values()) for key in blank} if before is not None else None
+        else:
+            a, b = after.get(rule, blank), (before or {}).get(rule, blank)
+        line = f"| {rule} | {a['jobs']} | {a['s']:.1f} | {a['cpu']:.1f} | {a['s'] / max(a['jobs'], 1):.2f} |"
+        if before is not None:
+            line += f" {b['jobs']} | {b['s']:.1f} | {b['s'] / max(b['jobs'], 1):.2f} |"
+        if rule == "total":
+            share = sum(measured[r]["startup"] * after[r]["jobs"] for r in after if r in measured)
+            line += f" | | {share:.1f} | {share / max(a['s'], 1e-9):.0%} |"
+        elif rule in measured:
+            m = measured[rule]
+            startup = m["startup"] * a["jobs"]
+            line += f" {m['wall']:.2f} | {m['startup']:.2f} | {startup:.1f} | {startup / max(a['s'], 1e-9):.0%} |"
+        else:
+            line += " | | | |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmarks", type=Path, default=ROOT / "benchmarks", help="Snakemake benchmark folder")
+    parser.add_argument("--before", type=Path, default=None, help="a second benchmark folder (an earlier build)")
+    parser.add_argument("--config", type=Path, default=ROOT / "config" / "config.yaml")
+    parser.add_argument("--suite", default="mini-clip8")
+    parser.add_argument("--suite-dir", type=Path, default=None, help="the built suite (default results/{suite})")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each job (median)")
+    parser.add_argument("--finetune", action="store_true", help="also run one fine-tuning job (30 s on 2 cores)")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.config.read_text())
+    validate(config, str(ROOT / "rules" / "schemas" / "config.schema.yaml"))  # fills the defaults, as the Snakefile does
+    suite_dir = (args.suite_dir or ROOT / "results" / args.suite).resolve()
+    for folder in [args.benchmarks / args.suite, suite_dir / "eval", *([args.before / args.suite] if args.before else [])]:
+        if not folder.is_dir():
+            print(f"error: {folder} is not a folder (build the suite's targets first)", file=sys.stderr)
+            return 2
+    targets = [name for name, spec in config["targets"].items()
+               if args.suite in (spec["suite"] if isinstance(spec["suite"], list) else [spec["suite"]])]
+    suite_config = config["suites"][args.suite].get("suite_config") or str(packaged_config(args.suite))
+    with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
+        jobs = stage_jobs(suite_dir, suite_config, config, Path(tmp), args.finetune)
+        interpreter, measured = measure_startup(jobs, Path(tmp), args.repeats)
+    after = benchmark_totals(args.benchmarks, args.suite, targets)
+    before = benchmark_totals(args.before, args.suite, targets) if args.before else None
+    print(f"interpreter (python -c pass, imports excluded): {interpreter:.3f} s")
+    print(report(after, before, measured))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
