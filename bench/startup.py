@@ -38,7 +38,7 @@ from snakemake.utils import validate
 from epmq.suites.registry import packaged_config
 
 ROOT = Path(__file__).resolve().parents[1]
-_IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$")  # top level: exactly one space
+_IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| \S")  # top level: one space, then the name
 
 
 def rule_of(path: Path, root: Path) -> str:
@@ -73,7 +73,7 @@ def import_seconds(stderr: str) -> float:
     total = 0
     for line in stderr.splitlines():
         match = _IMPORT_LINE.match(line)
-        if match and not match[2].startswith(" "):
+        if match:
             total += int(match[1])
     return total / 1e6
 
