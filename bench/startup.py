@@ -89,6 +89,38 @@ def run_cpu(argv: list[str]) -> tuple[float, float, str] | str:
     return wall, cpu, done.stderr
 
 
+def stage_jobs(suite_dir: Path, suite_config: str, config: dict, tmp: Path, finetune: bool) -> dict[str, list[str]]:
+    """One real job per rule, as ``rules/*.smk`` calls its stage, with its outputs under ``tmp``."""
+    tasks = sorted(path.name for path in (suite_dir / "experts").iterdir())
+    experts = [str(suite_dir / "experts" / task) for task in tasks]
+    data, common = str(suite_dir / "data"), ["--suite-config", suite_config]
+    merged = sorted((suite_dir / "merged").iterdir())[0]
+    eval_dirs = sorted({str(path.parent) for path in (suite_dir / "eval").rglob("*.json")})
+    table, figure = (next(name for name, spec in config["targets"].items() if spec["layout"] != "plot"),
+                     next(name for name, spec in config["targets"].items() if spec["layout"] == "plot"))
+    metrics = tmp / "metrics.csv"
+    jobs = {
+        "suite_calib": ["-m", "epmq", "suite", "calib", *common, "--data", data, "--task", tasks[0],
+                        "--suite-dir", str(suite_dir), "--samples", "64", "--seed", "0", "--out", str(tmp / "calib.safetensors")],
+        "merge": ["-m", "epmq", "merge", "--method", "simple_average", "--pretrained", str(suite_dir / "pretrained"),
+                  "--experts", *experts, "--out", str(tmp / "merged")],
+        "quantize": ["-m", "epmq", "quantize", "--model", str(merged), "--method", "rtn", "--bits", "4",
+                     "--group-size", "128", "--threads", "1", "--experts", "--calib", "--tasks", "--out", str(tmp / "quant")],
+        "evaluate": ["-m", "epmq", "evaluate", *common, "--suite-dir", str(suite_dir), "--model", experts[0],
+                     "--data", data, "--threads", "1", "--tasks", tasks[0], "--out-dir", str(tmp / "eval")],
+        "aggregate": ["-m", "epmq", "aggregate", "--eval-dirs", *eval_dirs, "--out", str(metrics)],
+        "render": ["-m", "epmq", "render", "--target", table, "--spec", json.dumps(config["targets"][table]),
+                   "--metrics", str(metrics), "--out-dir", str(tmp / "tables")],
+        "plot": ["-m", "epmq", "render", "--target", figure, "--spec", json.dumps(config["targets"][figure]),
+                 "--metrics", str(metrics), "--out-dir", str(tmp / "tables"), "--figure"],
+    }
+    if finetune:
+        jobs["suite_finetune"] = ["-m", "epmq", "suite", "finetune", *common, "--data", data, "--pretrained",
+                                  str(suite_dir / "pretrained"), "--task", tasks[0], "--threads", "1",
+                                  "--out", str(tmp / "expert")]
+    return jobs
+
+
 def measure_startup(jobs: dict[str, list[str]], tmp: Path, repeats: int) -> dict[str, dict]:
     """Per rule, median over ``repeats`` of: its job's wall and CPU seconds, and the CPU seconds of a
     second process that starts the interpreter and imports the same top-level modules in the same

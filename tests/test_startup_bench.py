@@ -52,3 +52,25 @@ def test_aggregate_and_render_start_without_torch():
     code = "import sys, evals.aggregate, evals.render; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_each_rule_runs_its_stage_with_outputs_in_the_temporary_folder(tmp_path):
+    import yaml
+    from snakemake.utils import validate
+
+    from bench.startup import stage_jobs
+    from epmq.cli import STAGES
+
+    suite = tmp_path / "suite"
+    for folder in ["experts/a", "experts/b", "merged/ties", "eval/merged/ties", "data", "pretrained"]:
+        (suite / folder).mkdir(parents=True)
+    (suite / "eval/merged/ties/a.json").write_text("{}")
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    validate(config, str(ROOT / "rules" / "schemas" / "config.schema.yaml"))
+    jobs = stage_jobs(suite, "suite.yaml", config, tmp_path / "out", finetune=True)
+    assert {"suite_calib", "suite_finetune", "merge", "quantize", "evaluate", "aggregate", "render", "plot"} == set(jobs)
+    for rule, argv in jobs.items():
+        assert argv[:2] == ["-m", "epmq"] and argv[2] in STAGES, rule
+        outputs = [argv[i + 1] for i, word in enumerate(argv) if word in ("--out", "--out-dir")]
+        assert outputs and all(out.startswith(str(tmp_path / "out")) for out in outputs), rule
+    assert str(suite / "eval/merged/ties") in jobs["aggregate"]
