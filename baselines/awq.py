@@ -67,6 +67,28 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: f
     return scales / (scales.max() * scales.min()).sqrt()
 
 
+def candidate_weight(weight: torch.Tensor, scales: torch.Tensor, p: dict, awq: dict) -> torch.Tensor:
+    """``Q(W diag s) diag(s)^-1``: the weight a scaling candidate ``s`` leaves for the search's loss."""
+    scales = scales[None, :].to(weight.dtype)
+    return pseudo_quantize(weight * scales, p["bits"], p["group_size"], p["sym"], awq["grid"]) / scales
+
+
+def kept_candidates(block: nn.Module, groups: list, candidates: list[list[torch.Tensor]], p: dict, awq: dict) -> list:
+    """Per group, its linears' candidate weights for every scale, computed once for all calibration
+    batches (the weights do not change during the search), or ``None`` for groups beyond the memory
+    budget ``awq.search_cache_mib``, whose candidates are recomputed per batch: the same tensors."""
+    budget, kept = awq["search_cache_mib"] * 2**20, []
+    for group, scales in zip(groups, candidates):
+        weights = [block.get_submodule(name).weight.detach() for name in group.linears]
+        size = len(scales) * sum(weight.numel() * weight.element_size() for weight in weights)
+        if size > budget:
+            kept.append(None)
+            continue
+        budget -= size
+        kept.append([[candidate_weight(weight, s, p, awq) for weight in weights] for s in scales])
+    return kept
+
+
 def fold_scales(block: nn.Module, previous_name: str, linears: list[nn.Linear], scales: torch.Tensor) -> None:
     """Multiply the linears' input columns by ``s`` and divide ``previous``'s outputs by ``s``.
 
@@ -280,6 +302,7 @@ class AWQ(QuantMethod):
             w_mean = weight_magnitude([lin.weight for lin in linears], p["group_size"]) if awq["duo_scaling"] else None
             x_mean = x_means[group.linears[0]]
             candidates.append([candidate_scales(x_mean, w_mean, step / awq["n_grid"]) for step in range(awq["n_grid"])])
+        kept = kept_candidates(block, groups, candidates, p, awq)
         losses = [[0.0] * awq["n_grid"] for _ in groups]
         elements = [0] * len(groups)
         captured: dict[str, list] = {}
@@ -310,10 +333,11 @@ class AWQ(QuantMethod):
                 elements[position] += target.numel()
                 with self._restored(block, group.linears) as linears:
                     for step, scales in enumerate(candidates[position]):
-                        for linear, original in linears:
-                            scaled = original * scales[None, :].to(original.dtype)
-                            quantized = pseudo_quantize(scaled, p["bits"], p["group_size"], p["sym"], awq["grid"])
-                            linear.weight.copy_(quantized / scales[None, :].to(original.dtype))
+                        weights = kept[position][step] if kept[position] else [
+                            candidate_weight(original, scales, p, awq) for _, original in linears
+                        ]
+                        for (linear, _), weight in zip(linears, weights):
+                            linear.weight.copy_(weight)
                         error = (_hidden(module(*args, **kwargs)) - target).float().pow(2).sum()
                         losses[position][step] += float(error)
         best = []

@@ -21,9 +21,15 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a tensor is made, not here: aggregate and render write files through this
+# module and would pay torch's import (seconds, per job) for nothing
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -361,11 +367,13 @@ class LazyCheckpoint:
         way costs no more memory than the model. Otherwise they go through one tensor of the
         stored dtype.
         """
+        import torch
+
         stored = self.resolve(key)
         shape, dtype_name = self._headers[stored]
         if tuple(out.shape) != shape:
             raise CheckpointError(f"{self.path}: tensor {stored!r} has shape {shape}, expected {tuple(out.shape)}")
-        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        dtype = _safetensors_dtypes().get(dtype_name)
         if dtype is None:
             return out.copy_(self.get(key))
         direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
@@ -397,12 +405,15 @@ class LazyCheckpoint:
         return self._ranges[file]
 
 
-#: safetensors dtype names of the tensors :meth:`LazyCheckpoint.read_into` reads byte for byte
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+def _safetensors_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype names of the tensors :meth:`LazyCheckpoint.read_into` reads byte for byte."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
 
 
 def _git_commit() -> str | None:
@@ -419,6 +430,8 @@ def _git_commit() -> str | None:
 def provenance(**extra: object) -> dict:
     """What produced a result: library versions, code commit, host and time, plus ``extra``."""
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     from epmq import __version__
 
