@@ -42,7 +42,7 @@ from torch import nn
 
 from epmq.activations import ScaledActivation
 from epmq.grid import rtn_quantize
-from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.quant.base import LayerResult, QuantMethod, register_method
 
 
 def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, grid: str) -> torch.Tensor:
@@ -229,6 +229,7 @@ def sampled_tokens(context, counts: dict[str, int], tokens: int) -> dict[str, to
 
 @register_method("awq")
 class AWQ(QuantMethod):
+    label = "w/ AWQ"
     collects_statistics = False
     quantized_inputs = False  # AWQ searches on fp inputs: later blocks see the fp blocks' outputs
 

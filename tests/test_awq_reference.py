@@ -17,7 +17,7 @@ import torch
 
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
-from epmq.methods import get_method
+from epmq.quant.catalog import get_method
 from tests.models import outlier_llama
 
 BITS, GROUP = 4, 32

@@ -13,7 +13,7 @@ from epmq.adapters import adapter_for
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
+from epmq.quant.catalog import get_method
 from epmq.suites import dinov2_onnx
 from tests.models import save_experts
 from tests.test_engine import quantized_linear_names

@@ -8,7 +8,7 @@ from epmq.adapters import adapter_for, block_linears
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
+from epmq.quant.catalog import get_method
 from tests.models import (
     image_batches,
     save_experts,

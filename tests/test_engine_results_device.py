@@ -6,7 +6,7 @@ import torch
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.grid import QuantizedWeight
-from epmq.methods import get_method
+from epmq.quant.catalog import get_method
 from tests.models import text_batches, tiny_llama
 
 

@@ -12,7 +12,7 @@ from epmq.checkpoint import load_model, save_quantized  # noqa: E402
 from epmq.cli import main  # noqa: E402
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
-from epmq.methods import get_method  # noqa: E402
+from epmq.quant.catalog import get_method  # noqa: E402
 from tests.models import image_batches, padded_text_batches, tiny_bert, tiny_clip_vision, tiny_t5  # noqa: E402
 
 FAMILIES = {

@@ -463,7 +463,7 @@ def test_calibration_with_no_counted_token_is_refused(w, capsys, method):
 def test_a_layer_reached_by_no_token_is_refused():
     from epmq.config import method_params
     from epmq.engine import CalibrationTask, quantize_model
-    from epmq.methods import get_method
+    from epmq.quant.catalog import get_method
 
     model = tiny_llama()
     batches = [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4, dtype=torch.long)}]
@@ -629,7 +629,7 @@ ARGUMENT_CASES = {
     "group size 0": (["--group-size", "0"], r"group_size must be positive or -1, got 0"),
     "block size 0": (["--block-size", "0"], r"argument --block-size: expected an integer >= 1"),
     "task names and files disagree": (["--tasks", "a"], r"got 1 task names for 2 calibration files"),
-    "unknown method": (["--method", "bogus"], r"unknown quantization method 'bogus'"),
+    "unknown method": (["--method", "bogus"], r"argument --method: invalid choice: 'bogus'"),
     "hessian dtype float16": (["--hessian-dtype", "float16"], r"argument --hessian-dtype: invalid choice"),
     "awq grid 0": (["--set", "awq.n_grid=0"], r"quantize/awq/n_grid: 0 is less than the minimum of 1"),
 }

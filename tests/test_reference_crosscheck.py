@@ -26,7 +26,7 @@ pytest.importorskip("llmcompressor")
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.grid import rtn_quantize  # noqa: E402
-from epmq.methods import get_method  # noqa: E402
+from epmq.quant.catalog import get_method  # noqa: E402
 from tests.models import outlier_llama  # noqa: E402
 from tests.reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
 from tests.test_engine import input_gram  # noqa: E402

@@ -1,13 +1,16 @@
-"""The registry of quantization methods and the interface the calibration engine drives.
+"""The interface of quantization methods and their registry.
 
 A method turns a linear layer's merged weight plus the statistics the engine collected for it into
 a replacement weight. GPTQ and E-PMQ share the statistics (:class:`GroupStatistics`) and the
 rounding solver; they differ only in the ``(target, Hessian)`` they hand to it.
+
+A method registers itself where it is defined (``@register_method(name)`` on its class) and
+declares what the workflow needs to know of it (:class:`QuantMethod`'s class attributes);
+:mod:`epmq.quant.catalog` imports every module that registers one.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -15,28 +18,19 @@ import torch
 from epmq.grid import QuantizedWeight
 from epmq.stats import fold_expert
 
-#: modules whose import registers methods (baselines first: they are the reference rows)
-METHOD_MODULES = ("baselines.rtn", "baselines.gptq", "baselines.awq", "epmq.method")
-
+#: name -> class of every method registered so far (:mod:`epmq.quant.catalog` imports them all)
 METHODS: dict[str, type[QuantMethod]] = {}
 
 
 def register_method(name: str):
+    """Class decorator: register a :class:`QuantMethod` subclass under ``name`` (its config and CLI name)."""
+
     def decorate(cls):
         cls.name = name
         METHODS[name] = cls
         return cls
 
     return decorate
-
-
-def get_method(name: str, params: dict) -> QuantMethod:
-    """Instantiate the method registered as ``name`` with validated quantize ``params``."""
-    for module in METHOD_MODULES:
-        importlib.import_module(module)
-    if name not in METHODS:
-        raise ValueError(f"unknown quantization method {name!r}; known: {sorted(METHODS)}")
-    return METHODS[name](params)
 
 
 class GroupStatistics:
@@ -97,13 +91,20 @@ class LayerResult:
 
 
 class QuantMethod:
-    """Base class: subclasses set the flags and implement :meth:`quantize`."""
+    """Base class: subclasses set the flags and implement :meth:`quantize`.
+
+    The flags are what the engine and the workflow (``rules/common.smk``) know of a method.
+    """
 
     name: str = ""
+    #: row label in the rendered tables
+    label: str = ""
     needs_calibration: bool = True
     #: collect per-group Hessians (GPTQ, E-PMQ); AWQ searches on the block instead
     collects_statistics: bool = True
     needs_experts: bool = False
+    #: takes the anchor strength ``alpha`` (E-PMQ's eq. 13): its path component and row carry it
+    takes_alpha: bool = False
     #: later blocks see the outputs of quantized blocks (GPTQ drivers) rather than of fp blocks (AWQ)
     quantized_inputs: bool = True
 
