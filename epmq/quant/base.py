@@ -1,7 +1,7 @@
 """The interface of quantization methods and their registry.
 
 A method turns a linear layer's merged weight plus the statistics the engine collected for it into
-a replacement weight. GPTQ and E-PMQ share the statistics (:class:`GroupStatistics`) and the
+a replacement weight. GPTQ and E-PMQ share the statistics (:class:`TaskStatistics`) and the
 rounding solver; they differ only in the ``(target, Hessian)`` they hand to it.
 
 A method registers itself where it is defined (``@register_method(name)`` on its class) and
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from epmq.grid import QuantizedWeight
-from epmq.stats import fold_expert
+from epmq.stats import TaskStatistics
 
 #: name -> class of every method registered so far (:mod:`epmq.quant.catalog` imports them all)
 METHODS: dict[str, type[QuantMethod]] = {}
@@ -31,47 +31,6 @@ def register_method(name: str):
         return cls
 
     return decorate
-
-
-class GroupStatistics:
-    """Calibration statistics of linears sharing one input, per task and summed.
-
-    ``hessian_sum`` is ``H_q = sum_i X_i X_i^T`` (float64). With ``fold_experts``, each finished task
-    is folded into ``rhs[name] += W_i H_i`` and ``expert_energy[name] += tr(W_i H_i W_i^T)`` for every
-    linear of the group, so memory does not grow with the number of tasks.
-    """
-
-    def __init__(self, names: list[str], d_in: int, *, fold_experts: bool, dtype: torch.dtype, device):
-        self.names = names
-        self.fold_experts = fold_experts
-        self.dtype = dtype
-        self.hessian_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
-        self._task_hessian = torch.zeros(d_in, d_in, dtype=dtype, device=device)
-        self.tokens = 0
-        self.task_tokens: list[int] = []
-        self.rhs: dict[str, torch.Tensor] = {}
-        self.expert_energy: dict[str, float] = {name: 0.0 for name in names}
-
-    def add_batch(self, inputs: torch.Tensor) -> None:
-        """Add tokens (n x d_in) of the current task."""
-        x = inputs.to(self.dtype)
-        self._task_hessian.addmm_(x.T, x)
-        self.tokens += x.shape[0]
-
-    def end_task(self, expert_weights: dict[str, torch.Tensor] | None) -> None:
-        """Close the current task: fold its Hessian (and, for E-PMQ, its expert weights)."""
-        if not torch.isfinite(self._task_hessian).all():
-            raise ValueError(f"calibration inputs of {self.names} contain NaN or Inf")
-        if self.fold_experts:
-            if expert_weights is None:
-                raise ValueError("this method needs expert weights for every calibration task")
-            for name in self.names:
-                product, energy = fold_expert(expert_weights[name], self._task_hessian)
-                self.rhs[name] = self.rhs[name] + product if name in self.rhs else product
-                self.expert_energy[name] += energy
-        self.hessian_sum += self._task_hessian.double()
-        self.task_tokens.append(self.tokens - sum(self.task_tokens))
-        self._task_hessian.zero_()
 
 
 @dataclass
@@ -111,9 +70,9 @@ class QuantMethod:
     def __init__(self, params: dict):
         self.params = params
 
-    def statistics(self, names: list[str], d_in: int, device) -> GroupStatistics:
+    def statistics(self, names: list[str], d_in: int, device) -> TaskStatistics:
         dtype = getattr(torch, self.params["hessian_dtype"])
-        return GroupStatistics(names, d_in, fold_experts=self.needs_experts, dtype=dtype, device=device)
+        return TaskStatistics(names, d_in, fold_experts=self.needs_experts, dtype=dtype, device=device)
 
     def prepare_block(self, context) -> None:
         """Hook before a block's linears are quantized (AWQ rescales here); default: nothing.
@@ -121,7 +80,7 @@ class QuantMethod:
         ``context`` is an :class:`epmq.engine.BlockContext`.
         """
 
-    def quantize(self, name: str, weight: torch.Tensor, stats: GroupStatistics | None) -> LayerResult:
+    def quantize(self, name: str, weight: torch.Tensor, stats: TaskStatistics | None) -> LayerResult:
         raise NotImplementedError
 
     def describe(self) -> dict:

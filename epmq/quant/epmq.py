@@ -12,7 +12,6 @@ import torch
 from epmq.grid import rtn_quantize
 from epmq.quant.base import LayerResult, QuantMethod, register_method
 from epmq.solver import gptq_round
-from epmq.stats import epmq_problem
 
 
 @register_method("epmq")
@@ -24,9 +23,7 @@ class EPMQ(QuantMethod):
 
     def problem(self, name, weight, stats):
         p = self.params
-        return epmq_problem(
-            weight, stats.rhs[name], stats.expert_energy[name], stats.hessian_sum, p["alpha"], p["percdamp"]
-        )
+        return stats.problem(name, weight, p["alpha"], p["percdamp"])
 
     def quantize(self, name, weight, stats):
         p = self.params
