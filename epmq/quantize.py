@@ -27,7 +27,7 @@ from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint, check_output, require_local_dir, sha256_file, warn_duplicates
 from epmq.merge import merge_checkpoints
 from epmq.mergekit import MergekitPlan, our_merge, read_mergekit_config
-from epmq.quant.catalog import get_method, method_names
+from epmq.catalog import get_method, method_names
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from epmq.merge.registry import MERGERS
-from epmq.quant.catalog import method_classes
+from epmq.catalog import method_classes
 
 #: the path component of a method that takes alpha: ``{name}-a{alpha}`` (``epmq-a0.01``)
 ALPHA_SUFFIX = r"-a[0-9.e+-]+"

@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from epmq.io import atomic_write_text
-from epmq.quant.catalog import method_classes
+from epmq.catalog import method_classes
 
 MERGE_LABELS = {
     "simple_average": "Simple Averaging", "task_arithmetic": "Task Arithmetic",

@@ -17,8 +17,8 @@ import torch
 
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
-from epmq.quant.catalog import get_method
-from tests.models import outlier_llama
+from epmq.catalog import get_method
+from epmq.testing.models import outlier_llama
 
 BITS, GROUP = 4, 32
 

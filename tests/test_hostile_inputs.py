@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from epmq.checkpoint import load_model
 from epmq.cli import main
 from epmq.io import CheckpointError, atomic_write_json
-from tests.models import tiny_clip_vision, tiny_llama
+from epmq.testing.models import tiny_clip_vision, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128  # tiny_llama's vocabulary
@@ -463,7 +463,7 @@ def test_calibration_with_no_counted_token_is_refused(w, capsys, method):
 def test_a_layer_reached_by_no_token_is_refused():
     from epmq.config import method_params
     from epmq.engine import CalibrationTask, quantize_model
-    from epmq.quant.catalog import get_method
+    from epmq.catalog import get_method
 
     model = tiny_llama()
     batches = [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4, dtype=torch.long)}]

@@ -28,7 +28,7 @@ from epmq.hub import (
 from epmq.merge.registry import MergeError
 from epmq.merge.streaming import merge_checkpoints
 from evals.clip_tasks import TALL20, TASKS
-from tests.paper_models import (
+from epmq.testing.paper_models import (
     clip_tokenizer,
     perturbed,
     save_with_prefix,

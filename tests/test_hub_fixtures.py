@@ -127,7 +127,7 @@ def test_store_is_shared_linked_and_locked(tmp_path):
     from epmq.suites.hub import finetune
 
     fixtures = _fixtures_module()
-    from tests.paper_models import llama_tokenizer, perturbed, tiny_llama_model
+    from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
     model = tiny_llama_model(llama_tokenizer(["a b c d e f"] * 4, vocab_size=300))
     base, expert = tmp_path / "hub" / "base", tmp_path / "hub" / "expert"
@@ -164,7 +164,7 @@ def test_llama_experts_in_another_dtype_need_the_recorded_cast(tmp_path):
     from epmq.cli import main
 
     fixtures = _fixtures_module()
-    from tests.paper_models import llama_tokenizer, perturbed, tiny_llama_model
+    from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
     model = tiny_llama_model(llama_tokenizer(["a b c d e f"] * 4, vocab_size=300))
     fixtures._save_model(model, tmp_path / "base", dtype=torch.bfloat16, shards=2)

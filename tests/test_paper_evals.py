@@ -24,7 +24,7 @@ from evals.datasets import (
     load_clip_task,
     write_clip_calibration,
 )
-from tests.paper_models import (
+from epmq.testing.paper_models import (
     clip_tokenizer,
     perturbed,
     save_with_prefix,

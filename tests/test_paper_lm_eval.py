@@ -15,7 +15,7 @@ from epmq.cli import main as epmq_main
 from epmq.hub import fetch
 from evals import lm_eval_runner
 from evals.datasets import alpaca_text, write_text_calibration
-from tests.paper_models import llama_tokenizer, perturbed, tiny_llama_model
+from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
 METHODS = ("rtn", "gptq", "awq", "epmq")
 QUESTIONS = [

@@ -12,7 +12,7 @@ from epmq.grid import rtn_quantize
 from epmq.merge import MERGERS, register_merge
 from epmq.merge import add_arguments as merge_arguments
 from epmq.quant.base import METHODS, LayerResult, QuantMethod, register_method
-from epmq.quant.catalog import method_classes
+from epmq.catalog import method_classes
 from epmq.quantize import add_arguments as quantize_arguments
 from epmq.workflow import (
     alpha_methods,
@@ -21,7 +21,7 @@ from epmq.workflow import (
     merge_wildcard,
     method_wildcard,
 )
-from tests.models import tiny_llama
+from epmq.testing.models import tiny_llama
 
 
 def choices(add_arguments, flag: str) -> list[str]:

@@ -6,7 +6,7 @@ rounding solver; they differ only in the ``(target, Hessian)`` they hand to it.
 
 A method registers itself where it is defined (``@register_method(name)`` on its class) and
 declares what the workflow needs to know of it (:class:`QuantMethod`'s class attributes);
-:mod:`epmq.quant.catalog` imports every module that registers one.
+:mod:`epmq.catalog` imports every module that registers one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from epmq.grid import QuantizedWeight
 from epmq.stats import TaskStatistics
 
-#: name -> class of every method registered so far (:mod:`epmq.quant.catalog` imports them all)
+#: name -> class of every method registered so far (:mod:`epmq.catalog` imports them all)
 METHODS: dict[str, type[QuantMethod]] = {}
 
 
