@@ -1,4 +1,4 @@
-"""Layer statistics that turn GPTQ and E-PMQ into one rounding problem (method.md section 2).
+"""Layer statistics that turn GPTQ and E-PMQ into one rounding problem (paper §4.2-4.3 and Appendix C).
 
 For a linear layer with merged weight ``W_m``, expert weights ``W_i`` and task inputs ``X_i``
 (d_in x n_i), the E-PMQ objective (paper eq. 12)
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def damped(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """GPTQ's damping: ``H + percdamp * mean(diag H) I`` (method.md section 3, step 3)."""
+    """GPTQ's damping: ``H + percdamp * mean(diag H) I`` (IST-DASLab gptq.py ``fasterquant``, ``percdamp``)."""
     return hessian + percdamp * torch.diagonal(hessian).mean() * torch.eye(
         hessian.shape[0], dtype=hessian.dtype, device=hessian.device
     )

@@ -1,4 +1,4 @@
-"""FLAN-T5 on GLUE as text-to-text (method.md section 6; the protocol of FusionBench's flan-t5 taskpool).
+"""FLAN-T5 on GLUE as text-to-text (paper §5.1 and §5.4; the protocol of FusionBench's flan-t5 taskpool).
 
 Each example becomes a prompt (``PROMPTS``) and a target text (``TARGETS``); the model answers by
 greedy decoding with ``generate(max_length=10)`` (decoder sequence of at most 10 tokens, the start
