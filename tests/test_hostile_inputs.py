@@ -280,6 +280,7 @@ def _writer(out: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_sigterm_while_writing_removes_the_temporary(tmp_path):
     out = tmp_path / "merged"
     process = _writer(out)
@@ -289,6 +290,7 @@ def test_sigterm_while_writing_removes_the_temporary(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_kill_9_leftovers_are_removed_by_the_next_run(w, capsys):
     out = w / "merged2"
     process = _writer(out)
@@ -302,6 +304,7 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(w, capsys):
     assert not [p for p in w.iterdir() if p.name.startswith(".merged2.")]
 
 
+@pytest.mark.slow
 def test_a_live_writers_temporary_is_left_alone(tmp_path):
     from epmq.io import remove_stale_temporaries
 
@@ -334,6 +337,7 @@ def _workflow_config(path: Path, suites: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_suite_config_path_with_braces_is_refused_by_the_schema(tmp_path):
     evil = tmp_path / "x$(touch${IFS}PWNED).yaml"
     evil.write_text("builder: mini-clip\nsuite: evil\n")
@@ -344,6 +348,7 @@ def test_suite_config_path_with_braces_is_refused_by_the_schema(tmp_path):
     assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
 
 
+@pytest.mark.slow
 def test_suite_config_path_cannot_inject_shell(tmp_path):
     evil = tmp_path / "x$(touch PWNED; touch `echo PWNED2`).yaml"
     evil.write_text("builder: mini-clip\nsuite: evil\n")  # valid enough to plan; the job itself then fails
@@ -355,6 +360,7 @@ def test_suite_config_path_cannot_inject_shell(tmp_path):
     assert "PWNED" in log and "error:" in log  # the name reached the stage as one quoted argument
 
 
+@pytest.mark.slow
 def test_task_names_cannot_inject_shell(tmp_path):
     suite_yaml = tmp_path / "hub-evil.yaml"
     suite_yaml.write_text(textwrap.dedent("""
@@ -373,6 +379,7 @@ def test_task_names_cannot_inject_shell(tmp_path):
     assert not list(tmp_path.rglob("PWNED"))
 
 
+@pytest.mark.slow
 def test_suite_named_dot_dot_is_refused_by_the_schema(tmp_path):
     config = _workflow_config(tmp_path / "config.json", {"..": {"builder": "mini-clip"}})
     result = _snakemake(config, "-n", cwd=tmp_path)
@@ -380,6 +387,7 @@ def test_suite_named_dot_dot_is_refused_by_the_schema(tmp_path):
     assert "does not match" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_suite_yaml_edits_rerun_the_jobs_that_read_it(tmp_path):
     base = tmp_path / "base.yaml"
     shutil.copy(ROOT / "epmq/suites/mini-clip8-smoke.yaml", tmp_path / "smoke.yaml")

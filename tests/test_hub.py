@@ -99,6 +99,7 @@ def test_fetch_offline_without_cache_is_one_clear_error(tmp_path):
     assert time.time() - started < 5 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fetch_cli_offline_env(tmp_path):
     """HF_HUB_OFFLINE=1 and an empty cache: `python -m epmq.hub fetch` fails fast with one line, exit 2."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}

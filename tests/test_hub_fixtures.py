@@ -68,6 +68,7 @@ def _clip_suite(root: Path, name: str, pretrained: str, task: str, expert: str) 
     return config
 
 
+@pytest.mark.slow
 def test_clip_position_ids_are_dropped_and_recorded(clip_hub, tmp_path):
     """Item 1: openai's file has both position_ids buffers, FusionBench's experts none; fetch, align and merge work."""
     root = clip_hub
