@@ -95,6 +95,7 @@ def test_calibration_indices_seeded():
         calibration_indices(10, 11, 0)
 
 
+@pytest.mark.slow
 def test_clip_pipeline_end_to_end(clip_suite, tmp_path):
     from safetensors.torch import load_file
 

@@ -106,6 +106,7 @@ def test_exact_match_of_correct_answers(glue_suite):
     assert glue.evaluate_task(_Oracle(tokenizer, wrong), tokenizer, "rte", dataset)["accuracy"] == 0.0
 
 
+@pytest.mark.slow
 def test_glue_pipeline_end_to_end(glue_suite, tmp_path):
     from safetensors.torch import load_file
 

@@ -102,6 +102,7 @@ def test_task_names_and_metric_choice():
         lm_eval_runner.run_lm_eval("nowhere", ["humaneval"], "out")
 
 
+@pytest.mark.slow
 def test_lm_eval_pipeline_end_to_end(llm_suite, tmp_path):
     from safetensors.torch import load_file
 
