@@ -1,7 +1,8 @@
 """AWQ (Lin et al., 2024): activation-aware scaling and clipping, then the min-max grid.
 
 Per block, on the inputs of the fp model, as mit-han-lab/llm-awq's ``auto_scale.py`` and
-``auto_clip.py`` run it (method.md section 4; README "AWQ" for what differs per family):
+``auto_clip.py`` run it (a baseline of paper §5.1; 20 grid points, as in its Appendix E; README
+"AWQ" for what differs per family):
 
 1. for each scaling group the adapter declares (linears sharing one input, and the module
    producing it), search ``s = x_mean^r`` (AutoAWQ's duo scaling divides by ``w_mean^(1-r)``) for
@@ -42,7 +43,7 @@ from torch import nn
 
 from epmq.activations import ScaledActivation
 from epmq.grid import rtn_quantize
-from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.quant.base import LayerResult, QuantMethod, register_method
 
 
 def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int, sym: bool, grid: str) -> torch.Tensor:
@@ -251,6 +252,7 @@ def sampled_tokens(context, counts: dict[str, int], tokens: int) -> dict[str, to
 
 @register_method("awq")
 class AWQ(QuantMethod):
+    label = "w/ AWQ"
     collects_statistics = False
     quantized_inputs = False  # AWQ searches on fp inputs: later blocks see the fp blocks' outputs
 

@@ -3,7 +3,7 @@
 import torch
 
 from epmq.grid import rtn_quantize
-from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.quant.base import LayerResult, QuantMethod, register_method
 from epmq.solver import gptq_round, quadratic_objective, zero_dead_columns
 from epmq.stats import damped
 
@@ -17,6 +17,8 @@ def gptq_problem(weight: torch.Tensor, hessian_sum: torch.Tensor, percdamp: floa
 
 @register_method("gptq")
 class GPTQ(QuantMethod):
+    label = "w/ GPTQ"
+
     def quantize(self, name, weight, stats):
         p = self.params
         target, hessian = gptq_problem(weight.to(stats.hessian_sum.device), stats.hessian_sum, p["percdamp"])

@@ -1,11 +1,12 @@
 """RTN: round every weight to the nearest point of its group's min-max grid, no calibration data."""
 
 from epmq.grid import rtn_quantize
-from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.quant.base import LayerResult, QuantMethod, register_method
 
 
 @register_method("rtn")
 class RTN(QuantMethod):
+    label = "w/ RTN"
     needs_calibration = False
     collects_statistics = False
 

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from epmq.config import method_params
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
+from epmq.catalog import get_method
 
 LAYER = "encoder.layers.11.mlp.fc2"
 

@@ -85,7 +85,7 @@ def run_pipeline(device: torch.device, model, experts_sd, expert_files, calib, e
     from epmq.engine import CalibrationTask, quantize_model
     from epmq.io import LazyCheckpoint
     from epmq.merge.registry import merge_state_dicts
-    from epmq.methods import get_method
+    from epmq.catalog import get_method
 
     out = {"merged": {}, "codes": {}, "accuracy": {}, "stages": {}, "on_host": {}}
     pretrained_sd = {key: value.to(device) for key, value in model.state_dict().items()}

@@ -216,7 +216,7 @@ def measure_family(family: Family, workdir: Path, threads: int) -> list[Row]:
     from epmq.engine import CalibrationTask, quantize_model
     from epmq.io import LazyCheckpoint
     from epmq.merge.streaming import merge_checkpoints
-    from epmq.methods import get_method
+    from epmq.catalog import get_method
 
     rows = []
     gib = 1 << 30

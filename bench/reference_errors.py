@@ -22,16 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.grid import rtn_quantize  # noqa: E402
-from epmq.methods import get_method  # noqa: E402
-from tests.models import outlier_llama  # noqa: E402
-from tests.reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
-from tests.test_reference_crosscheck import (  # noqa: E402
+from epmq.catalog import get_method  # noqa: E402
+from epmq.testing.reference_quantizers import (  # noqa: E402
     BITS,
     DAMP,
     GROUP,
     ours,
     relative_output_errors,
+    run_llmcompressor_awq,
+    run_llmcompressor_gptq,
 )
+from epmq.testing.models import outlier_llama  # noqa: E402
 
 
 def main() -> None:

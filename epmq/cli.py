@@ -21,7 +21,7 @@ STAGES = {
     "export": ("epmq.export", "write a quantized checkpoint in the compressed-tensors format (transformers, vLLM)"),
     "merge": ("epmq.merge", "merge expert checkpoints (simple_average, task_arithmetic, ties, wudi)"),
     "suite": ("epmq.suites.command", "build an offline suite: pretrain, fine-tune experts, draw calibration sets"),
-    "evaluate": ("evals.evaluate", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
+    "evaluate": ("epmq.evaluate", "evaluate a checkpoint on a suite's tasks, one metrics file per task"),
     "aggregate": ("evals.aggregate", "collect per-task metrics of many models into one tidy CSV"),
     "render": ("evals.render", "render a target's tables (Markdown, LaTeX, HTML) or figure (PNG)"),
     "convert": ("epmq.convert", "convert a CLIP vision tower between open_clip and transformers (--from open_clip --to hf, and back)"),

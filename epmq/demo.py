@@ -14,7 +14,7 @@ import torch
 from epmq.config import method_params
 from epmq.grid import rtn_quantize
 from epmq.solver import gptq_round
-from epmq.stats import EpmqAccumulator, damped
+from epmq.stats import TaskStatistics, damped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +35,20 @@ def run(args: argparse.Namespace) -> int:
         torch.randn(args.tokens, args.d_in, generator=g) * (torch.rand(args.d_in, generator=g) ** 2 * 3 + 0.1)
         for _ in range(args.experts)
     ]
-    accumulator = EpmqAccumulator(merged)
+    # the engine's statistics: each task's Hessian summed from its inputs, then folded
+    statistics = TaskStatistics(["layer"], args.d_in, fold_experts=True, dtype=getattr(torch, params["hessian_dtype"]),
+                                device=merged.device)
     for expert, x in zip(experts, inputs):
-        accumulator.add_task(expert, x.T @ x)
+        statistics.add_batch(x)
+        statistics.end_task({"layer": expert})
     tokens = args.tokens * args.experts
     grid = (params["bits"], params["group_size"], params["sym"])
     candidates = {"fp merged": merged, "rtn": rtn_quantize(merged, *grid).weight,
-                  "gptq": gptq_round(merged, damped(accumulator.hessian_sum, params["percdamp"]), *grid).weight}
+                  "gptq": gptq_round(merged, damped(statistics.hessian_sum, params["percdamp"]), *grid).weight}
     for alpha in (0.01, 1.0):
-        problem = accumulator.problem(alpha, params["percdamp"])
+        problem = statistics.problem("layer", merged, alpha, params["percdamp"])
         candidates[f"epmq alpha={alpha:g}"] = gptq_round(problem.target, problem.hessian, *grid).weight
-    reference = accumulator.problem(params["alpha"], params["percdamp"])
+    reference = statistics.problem("layer", merged, params["alpha"], params["percdamp"])
     print(f"one {args.d_out}x{args.d_in} layer, {args.experts} experts, {args.tokens} tokens/task, "
           f"{params['bits']}-bit, group {params['group_size']}; objective at alpha={params['alpha']:g}")
     print(f"{'method':18s} {'E-PMQ objective':>16s} {'error vs experts':>17s}")

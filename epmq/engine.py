@@ -22,7 +22,7 @@ from torch import nn
 
 from epmq.adapters import ModelAdapter, Stack, adapter_for, block_linears, linear_groups
 from epmq.io import LazyCheckpoint
-from epmq.methods import LayerResult, QuantMethod
+from epmq.quant.base import LayerResult, QuantMethod
 from epmq.progress import progress
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The b-bit uniform weight grid: per-row groups of columns, quantize / dequantize, bit packing.
 
-Follows the reference GPTQ quantizer (IST-DASLab/gptq ``quant.py``; method.md section 3): for each
+Follows the reference GPTQ quantizer (IST-DASLab/gptq ``quant.py``; the GPTQ of the paper's eq. 2, Frantar et al. 2023): for each
 row of a group, ``xmin = min(row, 0)``, ``xmax = max(row, 0)``, ``scale = (xmax - xmin) / maxq``,
 ``zero = round(-xmin / scale)``; an all-zero range uses ``[-1, 1]``. Symmetric grids use
 ``xmax = max(|xmin|, xmax)``, ``xmin = -xmax`` (where xmin < 0) and ``zero = (maxq + 1) / 2``.

@@ -27,7 +27,7 @@ Without the model in the cache and without hub access, ``fetch`` raises one
 :class:`HubFetchError` naming the model and saying how to give a local path instead.
 
 ``split_clip`` turns a full pretrained ``CLIPModel`` (``openai/clip-vit-base-patch32``) into the two
-things the CLIP suites use (method.md section 6):
+things the CLIP suites use (paper §5.1: zero-shot CLIP with FusionBench's experts):
 
 - ``vision/``: the vision tower as a ``CLIPVisionModel`` checkpoint, the thing that is merged and
   quantized. Its tensor names follow the experts' convention. FusionBench's experts

@@ -27,7 +27,7 @@ from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint, check_output, require_local_dir, sha256_file, warn_duplicates
 from epmq.merge import merge_checkpoints
 from epmq.mergekit import MergekitPlan, our_merge, read_mergekit_config
-from epmq.methods import get_method
+from epmq.catalog import get_method, method_names
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mergekit-config", type=Path, metavar="YAML",
                         help="a mergekit config: its models (other than base_model) are the experts, and without "
                              "--model its merge (if one of ours) is computed first")
-    parser.add_argument("--method", required=True, help="rtn | gptq | awq | epmq | epmq_fp")
+    parser.add_argument("--method", required=True, choices=method_names(), help="quantization method")
     parser.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
     add_overwrite_argument(parser)
     parser.add_argument("--experts", nargs="*", type=Path, default=[],

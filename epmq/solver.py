@@ -4,7 +4,7 @@ Minimises ``tr((Q - T) H (Q - T)^T)`` over weights ``Q`` on the b-bit grid (``ep
 by column, spreading each column's rounding error onto the columns not yet rounded through the
 upper Cholesky factor of ``H^-1`` (Frantar et al., 2023, Algorithm 1; IST-DASLab/gptq ``gptq.py``).
 
-GPTQ and E-PMQ are the same call with different statistics (method.md section 2):
+GPTQ and E-PMQ are the same call with different statistics (paper §4.3 and Appendix C: eqs. 8, 21, 22):
 
 * GPTQ:  ``T = W_m``,                   ``H = H_q + percdamp * mean(diag H_q) I``
 * E-PMQ: ``T = W* = R H^-1`` (eq. 20),  ``H = H_q + lam I`` (eq. 15)

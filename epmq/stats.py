@@ -1,4 +1,4 @@
-"""Layer statistics that turn GPTQ and E-PMQ into one rounding problem (method.md section 2).
+"""Layer statistics that turn GPTQ and E-PMQ into one rounding problem (paper §4.2-4.3 and Appendix C).
 
 For a linear layer with merged weight ``W_m``, expert weights ``W_i`` and task inputs ``X_i``
 (d_in x n_i), the E-PMQ objective (paper eq. 12)
@@ -14,7 +14,7 @@ equals ``tr((Q - W*) H (Q - W*)^T) + c`` with
     c   = sum_i tr(W_i H_i W_i^T) + lam ||W_m||^2 - tr(W* H W*^T)
 
 so the rounding solver only needs ``(W*, H)``. Each task's contribution is folded into ``R`` as soon
-as its Hessian is complete (:class:`EpmqAccumulator`), so memory holds two Hessians and one
+as its Hessian is complete (:class:`TaskStatistics`), so memory holds two Hessians and one
 ``R`` per layer whatever the number of experts K.
 """
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def damped(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """GPTQ's damping: ``H + percdamp * mean(diag H) I`` (method.md section 3, step 3)."""
+    """GPTQ's damping: ``H + percdamp * mean(diag H) I`` (IST-DASLab gptq.py ``fasterquant``, ``percdamp``)."""
     return hessian + percdamp * torch.diagonal(hessian).mean() * torch.eye(
         hessian.shape[0], dtype=hessian.dtype, device=hessian.device
     )
@@ -121,35 +121,71 @@ def epmq_problem(
     return EpmqProblem(target, hessian, lam, fallback, constant, factor)
 
 
-class EpmqAccumulator:
-    """Folds task statistics ``(W_i, H_i)`` one task at a time into ``H_q``, ``R`` and ``c``."""
+class TaskStatistics:
+    """Calibration statistics of linears sharing one input, folded one task at a time.
 
-    def __init__(self, merged: torch.Tensor):
-        if merged.dim() != 2:
-            raise ValueError(f"merged weight must be 2-D, got shape {tuple(merged.shape)}")
-        self.merged = merged.detach()
-        d_out, d_in = merged.shape
-        self.hessian_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=merged.device)
-        self.rhs = torch.zeros(d_out, d_in, dtype=torch.float64, device=merged.device)
-        self.expert_energy = 0.0
-        self.tasks = 0
+    ``hessian_sum`` is ``H_q = sum_i H_i`` (eq. 14, float64). With ``fold_experts``, each finished
+    task is folded into ``rhs[name] += W_i H_i`` and ``expert_energy[name] += tr(W_i H_i W_i^T)``
+    (eq. 15 without the anchor, and the constant ``c``) for every linear of the group, so memory
+    holds two Hessians and one ``R`` per linear whatever the number of tasks. A task's Hessian is
+    either summed from its inputs (:meth:`add_batch` per batch, then :meth:`end_task`; the engine)
+    or given whole (:meth:`add_task`). It and ``rhs`` are kept in ``dtype``.
+    """
 
-    def add_task(self, expert: torch.Tensor, hessian: torch.Tensor) -> None:
-        if expert.shape != self.merged.shape:
-            raise ValueError(f"expert weight has shape {tuple(expert.shape)}, merged has {tuple(self.merged.shape)}")
-        d_in = self.merged.shape[1]
-        if hessian.shape != (d_in, d_in):
-            raise ValueError(f"task Hessian must be {d_in} x {d_in}, got {tuple(hessian.shape)}")
-        product, energy = fold_expert(expert, hessian)
-        self.rhs += product.double()
-        self.expert_energy += energy
-        self.hessian_sum += hessian.double()
-        self.tasks += 1
+    def __init__(self, names: list[str], d_in: int, *, fold_experts: bool, dtype: torch.dtype, device):
+        self.names = names
+        self.fold_experts = fold_experts
+        self.dtype = dtype
+        self.hessian_sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self._task_hessian = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.tokens = 0
+        self.task_tokens: list[int] = []
+        self.rhs: dict[str, torch.Tensor] = {}
+        self.expert_energy: dict[str, float] = {name: 0.0 for name in names}
 
-    def problem(self, alpha: float, percdamp: float) -> EpmqProblem:
-        if self.tasks == 0:
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """Add tokens (n x d_in) of the current task."""
+        x = inputs.to(self.dtype)
+        self._task_hessian.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def add_task(self, hessian: torch.Tensor, expert_weights: dict[str, torch.Tensor] | None) -> None:
+        """Fold one whole task: its Hessian ``H_i = X_i X_i^T`` (and, with ``fold_experts``, its expert weights)."""
+        if hessian.shape != self._task_hessian.shape:
+            raise ValueError(f"task Hessian must be {tuple(self._task_hessian.shape)}, got {tuple(hessian.shape)}")
+        self._task_hessian.copy_(hessian)
+        self.end_task(expert_weights)
+
+    def end_task(self, expert_weights: dict[str, torch.Tensor] | None) -> None:
+        """Close the current task: fold its Hessian (and, for E-PMQ, its expert weights)."""
+        if not torch.isfinite(self._task_hessian).all():
+            raise ValueError(f"calibration inputs of {self.names} contain NaN or Inf")
+        if self.fold_experts:
+            if expert_weights is None:
+                raise ValueError("this method needs expert weights for every calibration task")
+            for name in self.names:
+                expert, d_in = expert_weights[name], self._task_hessian.shape[0]
+                if expert.dim() != 2 or expert.shape[1] != d_in or (name in self.rhs and expert.shape != self.rhs[name].shape):
+                    raise ValueError(f"expert weight of {name} has shape {tuple(expert.shape)}: not 2-D with {d_in} "
+                                     "columns, or not the shape of the earlier tasks' experts")
+                product, energy = fold_expert(expert, self._task_hessian)
+                self.rhs[name] = self.rhs[name] + product if name in self.rhs else product
+                self.expert_energy[name] += energy
+        self.hessian_sum += self._task_hessian.double()
+        self.task_tokens.append(self.tokens - sum(self.task_tokens))
+        self._task_hessian.zero_()
+
+    def problem(self, name: str, merged: torch.Tensor, alpha: float, percdamp: float) -> EpmqProblem:
+        """E-PMQ's rounding problem ``(W*, H)`` of linear ``name`` with merged weight ``merged``."""
+        if not self.task_tokens:
             raise ValueError("E-PMQ needs at least one task's statistics")
-        return epmq_problem(self.merged, self.rhs, self.expert_energy, self.hessian_sum, alpha, percdamp)
+        if tuple(merged.shape) != tuple(self.rhs[name].shape):
+            raise ValueError(f"merged weight of {name} has shape {tuple(merged.shape)}, experts {tuple(self.rhs[name].shape)}")
+        return epmq_problem(merged, self.rhs[name], self.expert_energy[name], self.hessian_sum, alpha, percdamp)
+
+
+#: the name of the one linear of :func:`epmq_target`
+LAYER = "weight"
 
 
 def epmq_target(
@@ -168,8 +204,8 @@ def epmq_target(
         raise ValueError(f"got {len(experts)} expert weights but {len(hessians)} Hessians")
     if not experts:
         raise ValueError("E-PMQ needs at least one expert")
-    accumulator = EpmqAccumulator(merged)
+    stats = TaskStatistics([LAYER], merged.shape[-1], fold_experts=True, dtype=hessians[0].dtype, device=hessians[0].device)
     for expert, hessian in zip(experts, hessians):
-        accumulator.add_task(expert, hessian)
-    problem = accumulator.problem(alpha, percdamp)
+        stats.add_task(hessian, {LAYER: expert})
+    problem = stats.problem(LAYER, merged, alpha, percdamp)
     return problem.target, problem.hessian

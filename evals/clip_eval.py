@@ -1,4 +1,4 @@
-"""CLIP zero-shot evaluation of a merged or quantized vision tower on the paper's tasks (method.md section 6).
+"""CLIP zero-shot evaluation of a merged or quantized vision tower on the paper's tasks (paper §5.1-5.3).
 
 Only the vision tower is merged and quantized; the text tower, both projections and the logit
 scale stay pretrained. They come from the ``zeroshot/`` folder written by

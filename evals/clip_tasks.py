@@ -1,6 +1,6 @@
 """The 20 CLIP image-classification tasks of the paper: class names, prompt templates, datasets.
 
-Suites (method.md section 6): TA8, TALL14 = TA8 + 6, TALL20 = TALL14 + 6. Task names are the
+Suites (paper §5.1 and §5.3; Tables 1, 2, 7-11): TA8, TALL14 = TA8 + 6, TALL20 = TALL14 + 6. Task names are the
 paper's (as in ``results/reference/paper_tables.csv``); ``fusion_bench_name`` is FusionBench's
 name for the same task, used in its expert ids ``tanganke/clip-vit-<backbone>_<fusion_bench_name>``.
 

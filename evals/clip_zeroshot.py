@@ -1,4 +1,4 @@
-"""CLIP zero-shot classification, the protocol of method.md section 6 (as in CLIP and fusion_bench).
+"""CLIP zero-shot classification, the protocol of paper §5.1 (as in CLIP and fusion_bench).
 
 - Zero-shot head of a task: for every class, encode every prompt template filled with the class
   name, L2-normalise each text embedding, average over templates, renormalise.

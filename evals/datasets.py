@@ -1,12 +1,12 @@
 """Datasets of the paper-scale suites, and the calibration files the quantizer reads.
 
 Loaders return Hugging Face datasets: from the hub by default, from a local folder when a path is
-given (for machines without hub access; see :func:`load_local`).
+given (for machines without hub access; see :func:`evals.local_data.load_local`).
 
 - :func:`load_clip_task`: the 20 CLIP tasks (``evals.clip_tasks``), columns renamed to
   ``image``/``label``; ``split`` is ``"train"`` (calibration) or ``"test"`` (evaluation), mapped
   to each dataset's own split names.
-- :func:`load_glue_task`: the 8 GLUE tasks; ``"validation"`` means mnli's ``validation_matched``.
+- :func:`evals.glue.load_glue_task`: the 8 GLUE tasks; ``"validation"`` means mnli's ``validation_matched``.
 
 Calibration files (the format of ``python -m epmq quantize --calib``): one safetensors file per
 task holding the model's keyword inputs with the samples on axis 0, plus ``sample_indices``
@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evals.glue import glue_texts, load_glue_task
+from evals.local_data import load_local
+
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp")
@@ -51,31 +54,6 @@ LLM_CALIBRATION = {
 
 
 # ------------------------------------------------------------------------------- loading --
-def load_local(path: str | os.PathLike, split: str):
-    """A split of a local dataset folder.
-
-    Accepted: a ``DatasetDict.save_to_disk`` folder (``dataset_dict.json``; the split is taken
-    from it), a ``Dataset.save_to_disk`` folder (taken as the split itself), a folder with one
-    such subfolder per split, or anything ``datasets.load_dataset(path, split=...)`` reads (a
-    local copy of the hub repository: parquet, json, csv or an image folder).
-    """
-    import datasets
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"local dataset {path} does not exist")
-    if (path / "dataset_dict.json").exists():
-        dataset_dict = datasets.load_from_disk(str(path))
-        if split not in dataset_dict:
-            raise ValueError(f"{path} has splits {list(dataset_dict)}, not {split!r}")
-        return dataset_dict[split]
-    if (path / "state.json").exists():
-        return datasets.load_from_disk(str(path))
-    if (path / split / "state.json").exists():
-        return datasets.load_from_disk(str(path / split))
-    return datasets.load_dataset(str(path), split=split)
-
-
 def _standard_columns(dataset, image: str, label: str, where: str):
     """Rename the image and label columns to ``image``/``label`` (trying common alternatives)."""
     columns = dataset.column_names
@@ -113,20 +91,6 @@ def load_clip_task(task: str, split: str, local_path: str | os.PathLike | None =
         dataset = datasets.load_dataset(spec.dataset, spec.dataset_config, split=real_split)
         where = f"{task} ({spec.dataset}, {real_split})"
     return _standard_columns(dataset, spec.image_column, spec.label_column, where)
-
-
-def load_glue_task(task: str, split: str, local_path: str | os.PathLike | None = None):
-    """GLUE task ``task``: ``"train"`` or ``"validation"`` (mnli: ``validation_matched``), or any split name."""
-    import datasets
-
-    from evals.glue import EVAL_SPLIT, GLUE_DATASET, TASKS
-
-    if task not in TASKS:
-        raise KeyError(f"unknown GLUE task {task!r}; known: {', '.join(TASKS)}")
-    real_split = EVAL_SPLIT[task] if split == "validation" else split
-    if local_path is not None:
-        return load_local(local_path, real_split)
-    return datasets.load_dataset(GLUE_DATASET, task, split=real_split)
 
 
 # --------------------------------------------------------------------------- calibration --
@@ -222,8 +186,6 @@ def write_glue_calibration(task: str, out_file: str | os.PathLike, tokenizer, *,
     Sequences are padded to the longest drawn one (inputs with the pad token and mask 0, labels
     with -100); padding is excluded from every statistic by the masks.
     """
-    from evals.glue import glue_texts
-
     if dataset is None:
         dataset = load_glue_task(task, split, local_path)
     indices = calibration_indices(len(dataset), samples, seed)

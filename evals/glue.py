@@ -1,4 +1,4 @@
-"""FLAN-T5 on GLUE as text-to-text (method.md section 6; the protocol of FusionBench's flan-t5 taskpool).
+"""FLAN-T5 on GLUE as text-to-text (paper §5.1 and §5.4; the protocol of FusionBench's flan-t5 taskpool).
 
 Each example becomes a prompt (``PROMPTS``) and a target text (``TARGETS``); the model answers by
 greedy decoding with ``generate(max_length=10)`` (decoder sequence of at most 10 tokens, the start
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 
 from epmq.progress import progress
+from evals.local_data import load_local
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,18 @@ FIELDS = {
 METRIC = {task: "exact_match" for task in TASKS} | {"stsb": "spearman"}
 MAX_LENGTH = 10  # generate(max_length=10), FusionBench's glue_evaluation.py
 MAX_INPUT_LENGTH = 512  # FusionBench pads/truncates inputs to the tokenizer's model_max_length (512 for FLAN-T5)
+
+
+def load_glue_task(task: str, split: str, local_path: str | os.PathLike | None = None):
+    """GLUE task ``task``: ``"train"`` or ``"validation"`` (mnli: ``validation_matched``), or any split name."""
+    import datasets
+
+    if task not in TASKS:
+        raise KeyError(f"unknown GLUE task {task!r}; known: {', '.join(TASKS)}")
+    real_split = EVAL_SPLIT[task] if split == "validation" else split
+    if local_path is not None:
+        return load_local(local_path, real_split)
+    return datasets.load_dataset(GLUE_DATASET, task, split=real_split)
 
 
 def _check(task: str) -> None:
@@ -181,11 +195,10 @@ def evaluate_glue(
 
     ``tokenizer_dir`` defaults to ``model_dir`` (quantized checkpoints hold no tokenizer: pass the
     pretrained folder). ``data`` maps a task to a local dataset folder (see
-    :func:`evals.datasets.load_glue_task`); ``datasets`` maps a task to an in-memory dataset.
+    :func:`load_glue_task`); ``datasets`` maps a task to an in-memory dataset.
     """
     from epmq.checkpoint import load_model
     from epmq.io import atomic_write_json, provenance
-    from evals.datasets import load_glue_task
 
     started = time.time()
     model = load_model(model_dir).to(device).eval()

@@ -1,4 +1,4 @@
-"""LLM evaluation through lm-eval's Python API (method.md section 6: GSM8K, MATH500, ARC-C, IFEval, HumanEval, MBPP+).
+"""LLM evaluation through lm-eval's Python API (paper §5.5, Table 4: GSM8K, MATH500, ARC-C, IFEval, HumanEval, MBPP+).
 
 The model is loaded with ``epmq.checkpoint.load_model`` (so merged and quantized checkpoints of
 this project work; quantized weights are dequantized) and handed to

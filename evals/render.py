@@ -29,15 +29,14 @@ from pathlib import Path
 import pandas as pd
 
 from epmq.io import atomic_write_text
+from epmq.catalog import method_classes
 
 MERGE_LABELS = {
     "simple_average": "Simple Averaging", "task_arithmetic": "Task Arithmetic",
     "ties": "TIES-Merging", "wudi": "WUDI-Merging",
 }
-METHOD_LABELS = {
-    "rtn": "w/ RTN", "gptq": "w/ GPTQ", "awq": "w/ AWQ", "epmq": "w/ E-PMQ",
-    "epmq_fp": "E-PMQ's sequential continuous relaxation (W*, fp)",
-}
+#: each registered quantization method's row label (its class's ``label``)
+METHOD_LABELS = {name: method.label for name, method in method_classes().items()}
 #: what the epmq_fp row is, printed under every table that has it
 RELAXATION_NOTE = (
     "E-PMQ's sequential continuous relaxation: every linear replaced by its unrounded E-PMQ target W*, "

@@ -18,23 +18,28 @@ import re
 import shlex
 
 from epmq.config import methods_schema
+from epmq.workflow import (
+    alpha_methods,
+    calibration_free_methods,
+    expert_methods,
+    merge_wildcard,
+    method_wildcard,
+    one_of,
+)
 from epmq.suites.registry import eval_tasks as suite_eval_tasks
 from epmq.suites.registry import config_files, load_suite, packaged_config
 from snakemake.exceptions import WorkflowError
 
-ALPHA_METHODS = ("epmq", "epmq_fp")
-CALIBRATION_FREE = ("rtn",)
+# what each registered quantization method declares (epmq/quant/base.py: QuantMethod)
+ALPHA_METHODS = alpha_methods()
+CALIBRATION_FREE = calibration_free_methods()
+EXPERT_METHODS = expert_methods()
 # quantize parameters nested under a method's name (awq.*): the schema's object-valued keys
 METHOD_SECTIONS = [
     key for key, spec in methods_schema()["properties"]["quantize"]["properties"].items() if spec.get("type") == "object"
 ]
 OFFLINE_SUITES = [name for name, s in config["suites"].items() if not s["builder"].startswith("hub-")]
 HUB_SUITES = [name for name, s in config["suites"].items() if s["builder"].startswith("hub-")]
-
-
-def one_of(names):
-    """A wildcard regex matching exactly these names (none: matches nothing)."""
-    return "(" + "|".join(map(re.escape, names)) + ")" if names else "(?!)"
 
 
 # suite and task names: letters, digits, _ . - and never a leading dot (no `..`, no hidden folders)
@@ -44,8 +49,8 @@ NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 wildcard_constraints:
     suite=NAME,
     task=NAME,
-    merge=r"[a-z_]+",
-    method=r"(rtn|gptq|awq|(epmq|epmq_fp)-a[0-9.e+-]+)",
+    merge=merge_wildcard(),
+    method=method_wildcard(),
     bits=r"\d+",
     group=r"-?\d+",
     samples=r"\d+",
@@ -212,7 +217,7 @@ def quantize_flags(wildcards):
 
 def quantize_experts(wildcards):
     method, _ = split_method(wildcards.method)
-    return expert_dirs(wildcards) if method in ALPHA_METHODS else []
+    return expert_dirs(wildcards) if method in EXPERT_METHODS else []
 
 
 def evaluation_tasks(wildcards):

@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run as a script: import the project and its tin
     sys.path.insert(0, str(ROOT))
 
 from epmq.hub import read_experts_table  # noqa: E402
-from tests.paper_models import (  # noqa: E402
+from epmq.testing.paper_models import (  # noqa: E402
     clip_tokenizer,
     llama_tokenizer,
     perturbed,

@@ -8,8 +8,8 @@ from epmq.adapters import adapter_for
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.grid import rtn_quantize
-from epmq.methods import get_method
-from tests.models import (
+from epmq.catalog import get_method
+from epmq.testing.models import (
     image_batches,
     padded_text_batches,
     text_batches,

@@ -17,8 +17,8 @@ import torch
 
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
-from epmq.methods import get_method
-from tests.models import outlier_llama
+from epmq.catalog import get_method
+from epmq.testing.models import outlier_llama
 
 BITS, GROUP = 4, 32
 
@@ -142,6 +142,7 @@ def run_ours(input_ids, batches, **awq):
     return {name: layer.weight for name, layer in result.replacements.items()}, method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches", [1, 4])  # the loss summed batch by batch equals llm-awq's one-batch loss
 def test_awq_matches_llm_awq_on_a_llama_layer(input_ids, batches):
     reference, reference_scales = reference_layer0(outlier_llama(), input_ids)
@@ -153,6 +154,7 @@ def test_awq_matches_llm_awq_on_a_llama_layer(input_ids, batches):
     assert sum(groups_agreeing(ours[name], weight) for name, weight in reference.items()) / len(reference) > 0.995
 
 
+@pytest.mark.slow
 def test_the_previous_variant_is_a_different_quantizer(input_ids):
     reference, _ = reference_layer0(outlier_llama(), input_ids)
     ours, _ = run_ours(input_ids, 1, loss="block", grid="zero_inclusive")

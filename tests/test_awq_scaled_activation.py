@@ -8,8 +8,8 @@ from epmq.activations import ScaledActivation
 from epmq.checkpoint import load_model, save_quantized
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
-from epmq.methods import get_method
-from tests.models import image_batches, tiny_clip_vision
+from epmq.catalog import get_method
+from epmq.testing.models import image_batches, tiny_clip_vision
 
 
 def hidden(model, batch):

@@ -9,8 +9,8 @@ from epmq.cli import main
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
-from tests.models import (
+from epmq.catalog import get_method
+from epmq.testing.models import (
     image_batches,
     save_experts,
     text_batches,

@@ -75,6 +75,7 @@ def merged_family(request, tmp_path_factory):
     return family, tmp, experts, save_calibration(tmp, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "epmq"])
 def test_quantize_export_reload(merged_family, method):
     from transformers import AutoModelForCausalLM

@@ -36,6 +36,7 @@ def inputs_of(model, name, calib_file):
     return captured[0][batch["attention_mask"].bool()].double()  # padding tokens are not counted
 
 
+@pytest.mark.slow
 def test_deviations_per_layer_equal_the_definition(merged, tmp_path, capsys):
     tmp, experts, calib = merged
     out = tmp_path / "report"

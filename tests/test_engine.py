@@ -8,9 +8,10 @@ from epmq.adapters import adapter_for, block_linears
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
-from tests.models import (
+from epmq.catalog import get_method
+from epmq.testing.models import (
     image_batches,
+    input_gram,
     save_experts,
     text_batches,
     tiny_clip_vision,
@@ -66,19 +67,6 @@ def test_outputs_stay_close_at_8_bits(build, method, tmp_path):
         out = model(**batch).last_hidden_state if build is tiny_clip_vision else model(**batch).logits
         ref = reference(**batch).last_hidden_state if build is tiny_clip_vision else reference(**batch).logits
     assert (out - ref).norm() / ref.norm() < 0.02
-
-
-def input_gram(model, name, tasks):
-    """X^T X of the inputs ``name`` receives when the tasks' batches run through ``model``."""
-    captured = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
-    with torch.no_grad():
-        for task in tasks:
-            for batch in task.batches:
-                model(**batch)
-    handle.remove()
-    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
-    return x.T @ x
 
 
 class RecordingGPTQ(GPTQ):

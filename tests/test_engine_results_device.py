@@ -6,8 +6,8 @@ import torch
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.grid import QuantizedWeight
-from epmq.methods import get_method
-from tests.models import text_batches, tiny_llama
+from epmq.catalog import get_method
+from epmq.testing.models import text_batches, tiny_llama
 
 
 def _tensors(replacement):

@@ -15,8 +15,8 @@ from epmq.cli import main  # noqa: E402
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.io import LazyCheckpoint  # noqa: E402
-from epmq.methods import get_method  # noqa: E402
-from tests.models import outlier_llama, save_experts  # noqa: E402
+from epmq.catalog import get_method  # noqa: E402
+from epmq.testing.models import outlier_llama, save_experts  # noqa: E402
 
 
 def character_tokenizer(directory):

@@ -12,8 +12,8 @@ from epmq.checkpoint import load_model, save_quantized  # noqa: E402
 from epmq.cli import main  # noqa: E402
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
-from epmq.methods import get_method  # noqa: E402
-from tests.models import image_batches, padded_text_batches, tiny_bert, tiny_clip_vision, tiny_t5  # noqa: E402
+from epmq.catalog import get_method  # noqa: E402
+from epmq.testing.models import image_batches, padded_text_batches, tiny_bert, tiny_clip_vision, tiny_t5  # noqa: E402
 
 FAMILIES = {
     "clip": (tiny_clip_vision, lambda: image_batches(2), "CLIPVisionModel", "last_hidden_state"),
@@ -73,7 +73,7 @@ def test_codes_wider_than_8_bits_are_refused(tmp_path, capsys):
 
 
 def test_unrounded_layers_are_refused(tmp_path, capsys):
-    from tests.models import save_experts
+    from epmq.testing.models import save_experts
 
     model = tiny_clip_vision()
     experts = save_experts(model, tmp_path, 2)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from epmq.checkpoint import load_model
 from epmq.cli import main
 from epmq.io import CheckpointError, atomic_write_json
-from tests.models import tiny_clip_vision, tiny_llama
+from epmq.testing.models import tiny_clip_vision, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128  # tiny_llama's vocabulary
@@ -280,6 +280,7 @@ def _writer(out: Path) -> subprocess.Popen:
     return process
 
 
+@pytest.mark.slow
 def test_sigterm_while_writing_removes_the_temporary(tmp_path):
     out = tmp_path / "merged"
     process = _writer(out)
@@ -289,6 +290,7 @@ def test_sigterm_while_writing_removes_the_temporary(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_kill_9_leftovers_are_removed_by_the_next_run(w, capsys):
     out = w / "merged2"
     process = _writer(out)
@@ -302,6 +304,7 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(w, capsys):
     assert not [p for p in w.iterdir() if p.name.startswith(".merged2.")]
 
 
+@pytest.mark.slow
 def test_a_live_writers_temporary_is_left_alone(tmp_path):
     from epmq.io import remove_stale_temporaries
 
@@ -334,6 +337,7 @@ def _workflow_config(path: Path, suites: dict) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_suite_config_path_with_braces_is_refused_by_the_schema(tmp_path):
     evil = tmp_path / "x$(touch${IFS}PWNED).yaml"
     evil.write_text("builder: mini-clip\nsuite: evil\n")
@@ -344,6 +348,7 @@ def test_suite_config_path_with_braces_is_refused_by_the_schema(tmp_path):
     assert not list(tmp_path.rglob("PWNED")) and not (ROOT / "PWNED").exists()
 
 
+@pytest.mark.slow
 def test_suite_config_path_cannot_inject_shell(tmp_path):
     evil = tmp_path / "x$(touch PWNED; touch `echo PWNED2`).yaml"
     evil.write_text("builder: mini-clip\nsuite: evil\n")  # valid enough to plan; the job itself then fails
@@ -355,6 +360,7 @@ def test_suite_config_path_cannot_inject_shell(tmp_path):
     assert "PWNED" in log and "error:" in log  # the name reached the stage as one quoted argument
 
 
+@pytest.mark.slow
 def test_task_names_cannot_inject_shell(tmp_path):
     suite_yaml = tmp_path / "hub-evil.yaml"
     suite_yaml.write_text(textwrap.dedent("""
@@ -373,6 +379,7 @@ def test_task_names_cannot_inject_shell(tmp_path):
     assert not list(tmp_path.rglob("PWNED"))
 
 
+@pytest.mark.slow
 def test_suite_named_dot_dot_is_refused_by_the_schema(tmp_path):
     config = _workflow_config(tmp_path / "config.json", {"..": {"builder": "mini-clip"}})
     result = _snakemake(config, "-n", cwd=tmp_path)
@@ -380,6 +387,7 @@ def test_suite_named_dot_dot_is_refused_by_the_schema(tmp_path):
     assert "does not match" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_suite_yaml_edits_rerun_the_jobs_that_read_it(tmp_path):
     base = tmp_path / "base.yaml"
     shutil.copy(ROOT / "epmq/suites/mini-clip8-smoke.yaml", tmp_path / "smoke.yaml")
@@ -463,7 +471,7 @@ def test_calibration_with_no_counted_token_is_refused(w, capsys, method):
 def test_a_layer_reached_by_no_token_is_refused():
     from epmq.config import method_params
     from epmq.engine import CalibrationTask, quantize_model
-    from epmq.methods import get_method
+    from epmq.catalog import get_method
 
     model = tiny_llama()
     batches = [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4, dtype=torch.long)}]
@@ -629,7 +637,7 @@ ARGUMENT_CASES = {
     "group size 0": (["--group-size", "0"], r"group_size must be positive or -1, got 0"),
     "block size 0": (["--block-size", "0"], r"argument --block-size: expected an integer >= 1"),
     "task names and files disagree": (["--tasks", "a"], r"got 1 task names for 2 calibration files"),
-    "unknown method": (["--method", "bogus"], r"unknown quantization method 'bogus'"),
+    "unknown method": (["--method", "bogus"], r"argument --method: invalid choice: 'bogus'"),
     "hessian dtype float16": (["--hessian-dtype", "float16"], r"argument --hessian-dtype: invalid choice"),
     "awq grid 0": (["--set", "awq.n_grid=0"], r"quantize/awq/n_grid: 0 is less than the minimum of 1"),
 }

@@ -28,7 +28,7 @@ from epmq.hub import (
 from epmq.merge.registry import MergeError
 from epmq.merge.streaming import merge_checkpoints
 from evals.clip_tasks import TALL20, TASKS
-from tests.paper_models import (
+from epmq.testing.paper_models import (
     clip_tokenizer,
     perturbed,
     save_with_prefix,
@@ -99,6 +99,7 @@ def test_fetch_offline_without_cache_is_one_clear_error(tmp_path):
     assert time.time() - started < 5 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_fetch_cli_offline_env(tmp_path):
     """HF_HUB_OFFLINE=1 and an empty cache: `python -m epmq.hub fetch` fails fast with one line, exit 2."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}

@@ -68,6 +68,7 @@ def _clip_suite(root: Path, name: str, pretrained: str, task: str, expert: str) 
     return config
 
 
+@pytest.mark.slow
 def test_clip_position_ids_are_dropped_and_recorded(clip_hub, tmp_path):
     """Item 1: openai's file has both position_ids buffers, FusionBench's experts none; fetch, align and merge work."""
     root = clip_hub
@@ -127,7 +128,7 @@ def test_store_is_shared_linked_and_locked(tmp_path):
     from epmq.suites.hub import finetune
 
     fixtures = _fixtures_module()
-    from tests.paper_models import llama_tokenizer, perturbed, tiny_llama_model
+    from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
     model = tiny_llama_model(llama_tokenizer(["a b c d e f"] * 4, vocab_size=300))
     base, expert = tmp_path / "hub" / "base", tmp_path / "hub" / "expert"
@@ -164,7 +165,7 @@ def test_llama_experts_in_another_dtype_need_the_recorded_cast(tmp_path):
     from epmq.cli import main
 
     fixtures = _fixtures_module()
-    from tests.paper_models import llama_tokenizer, perturbed, tiny_llama_model
+    from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
     model = tiny_llama_model(llama_tokenizer(["a b c d e f"] * 4, vocab_size=300))
     fixtures._save_model(model, tmp_path / "base", dtype=torch.bfloat16, shards=2)

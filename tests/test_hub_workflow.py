@@ -9,7 +9,7 @@ import pytest
 
 from evals.clip_tasks import get_task
 from evals.datasets import clip_image_processor
-from tests.paper_models import (
+from epmq.testing.paper_models import (
     clip_tokenizer,
     perturbed,
     save_with_prefix,

@@ -24,7 +24,7 @@ from evals.datasets import (
     load_clip_task,
     write_clip_calibration,
 )
-from tests.paper_models import (
+from epmq.testing.paper_models import (
     clip_tokenizer,
     perturbed,
     save_with_prefix,
@@ -95,6 +95,7 @@ def test_calibration_indices_seeded():
         calibration_indices(10, 11, 0)
 
 
+@pytest.mark.slow
 def test_clip_pipeline_end_to_end(clip_suite, tmp_path):
     from safetensors.torch import load_file
 

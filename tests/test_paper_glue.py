@@ -16,7 +16,7 @@ from epmq.cli import main as epmq_main
 from epmq.hub import fetch
 from evals import glue
 from evals.datasets import calibration_indices, load_glue_task, write_glue_calibration
-from tests.paper_models import perturbed, t5_tokenizer, tiny_t5_model
+from epmq.testing.paper_models import perturbed, t5_tokenizer, tiny_t5_model
 
 TASK_NAMES = ("rte", "stsb")
 METHODS = ("rtn", "gptq", "awq", "epmq")
@@ -106,6 +106,7 @@ def test_exact_match_of_correct_answers(glue_suite):
     assert glue.evaluate_task(_Oracle(tokenizer, wrong), tokenizer, "rte", dataset)["accuracy"] == 0.0
 
 
+@pytest.mark.slow
 def test_glue_pipeline_end_to_end(glue_suite, tmp_path):
     from safetensors.torch import load_file
 

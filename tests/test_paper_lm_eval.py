@@ -15,7 +15,7 @@ from epmq.cli import main as epmq_main
 from epmq.hub import fetch
 from evals import lm_eval_runner
 from evals.datasets import alpaca_text, write_text_calibration
-from tests.paper_models import llama_tokenizer, perturbed, tiny_llama_model
+from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
 METHODS = ("rtn", "gptq", "awq", "epmq")
 QUESTIONS = [
@@ -102,6 +102,7 @@ def test_task_names_and_metric_choice():
         lm_eval_runner.run_lm_eval("nowhere", ["humaneval"], "out")
 
 
+@pytest.mark.slow
 def test_lm_eval_pipeline_end_to_end(llm_suite, tmp_path):
     from safetensors.torch import load_file
 

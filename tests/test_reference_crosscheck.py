@@ -26,13 +26,19 @@ pytest.importorskip("llmcompressor")
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.grid import rtn_quantize  # noqa: E402
-from epmq.methods import get_method  # noqa: E402
-from tests.models import outlier_llama  # noqa: E402
-from tests.reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
-from tests.test_engine import input_gram  # noqa: E402
+from epmq.catalog import get_method  # noqa: E402
+from epmq.testing.models import outlier_llama  # noqa: E402
+from epmq.testing.reference_quantizers import (  # noqa: E402
+    BITS,
+    DAMP,
+    GROUP,
+    ours,
+    relative_output_errors,
+    run_llmcompressor_awq,
+    run_llmcompressor_gptq,
+)
 
 pytestmark = pytest.mark.reference
-BITS, GROUP, DAMP = 4, 32, 0.01
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +47,6 @@ def setting():
     ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(5))
     tasks = [CalibrationTask("calib", [{"input_ids": ids[i : i + 4]} for i in range(0, 16, 4)])]
     return model, ids, tasks
-
-
-def relative_output_errors(model, tasks, weights, input_scales=None, output_scales=None):
-    """``||(W_eff - W) X|| / ||W X||`` per layer, ``W_eff = diag(s_out) Q diag(1/s_in)``."""
-    errors = {}
-    for name, weight in weights.items():
-        gram = input_gram(model, name, tasks)
-        reference = model.get_submodule(name).weight.detach().double()
-        s_in = (input_scales or {}).get(name, torch.ones(reference.shape[1])).double()
-        s_out = (output_scales or {}).get(name, torch.ones(reference.shape[0])).double()
-        diff = s_out[:, None] * weight.double() / s_in[None, :] - reference
-        errors[name] = float(((diff @ gram) * diff).sum() / ((reference @ gram) * reference).sum()) ** 0.5
-    return errors
-
-
-def ours(model, tasks, **params):
-    copy_ = copy.deepcopy(model)
-    method = get_method("gptq", method_params("quantize", bits=BITS, group_size=GROUP, percdamp=DAMP, **params))
-    return {name: layer.weight for name, layer in quantize_model(copy_, method, tasks).replacements.items()}
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -1,4 +1,4 @@
-"""Smoke test of tests/reference_quantizers.py: llm-compressor GPTQ / AWQ on a tiny Llama, CPU.
+"""Smoke test of epmq/testing/reference_quantizers.py: llm-compressor GPTQ / AWQ on a tiny Llama, CPU.
 
 Checks that the read-back weights are on a 4-bit grid per (row, group), that the caller's model
 is untouched, that the quantized models stay close to the fp model (and beat plain min-max RTN
@@ -17,13 +17,7 @@ pytest.importorskip("compressed_tensors")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-try:  # importable both as ``tests.reference_quantizers`` and with tests/ on sys.path
-    from tests.reference_quantizers import (  # noqa: E402
-        run_llmcompressor_awq,
-        run_llmcompressor_gptq,
-    )
-except ImportError:  # pragma: no cover
-    from reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
+from epmq.testing.reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

@@ -3,7 +3,7 @@ import torch
 
 from epmq.grid import rtn_quantize
 from epmq.solver import gptq_round, quadratic_objective
-from epmq.stats import EpmqAccumulator, anchor_strength, damped, epmq_target
+from epmq.stats import TaskStatistics, anchor_strength, damped, epmq_target
 
 
 def merge_instance(seed, d_out=24, d_in=96, k=4, n=160, dtype=torch.float64):
@@ -17,6 +17,14 @@ def merge_instance(seed, d_out=24, d_in=96, k=4, n=160, dtype=torch.float64):
         for _ in range(k)
     ]
     return merged, experts, inputs
+
+
+def folded(merged, experts, hessians):
+    """Task statistics of one linear, each task's Hessian folded whole."""
+    statistics = TaskStatistics(["w"], merged.shape[1], fold_experts=True, dtype=hessians[0].dtype, device="cpu")
+    for w, h in zip(experts, hessians):
+        statistics.add_task(h, {"w": w})
+    return statistics
 
 
 def epmq_objective(q, merged, experts, inputs, lam):
@@ -40,10 +48,8 @@ def test_objective_is_the_quadratic_form_plus_a_constant(alpha):
 
 def test_accumulator_reconstructs_the_objective_and_its_minimum():
     merged, experts, inputs = merge_instance(1)
-    accumulator = EpmqAccumulator(merged)
-    for w, x in zip(experts, inputs):
-        accumulator.add_task(w, x @ x.T)
-    problem = accumulator.problem(alpha=0.1, percdamp=0.01)
+    statistics = folded(merged, experts, [x @ x.T for x in inputs])
+    problem = statistics.problem("w", merged, alpha=0.1, percdamp=0.01)
     q = torch.randn_like(merged)
     assert problem.objective(q) == pytest.approx(epmq_objective(q, merged, experts, inputs, problem.lam), rel=1e-9)
     # W* is the continuous minimiser (eq. 20): the gradient vanishes there.
@@ -71,10 +77,7 @@ def test_epmq_beats_gptq_and_rtn_on_its_objective():
     for seed in seeds:
         merged, experts, inputs = merge_instance(seed, dtype=torch.float32)
         hessians = [x @ x.T for x in inputs]
-        accumulator = EpmqAccumulator(merged)
-        for w, h in zip(experts, hessians):
-            accumulator.add_task(w, h)
-        problem = accumulator.problem(alpha=0.01, percdamp=0.01)
+        problem = folded(merged, experts, hessians).problem("w", merged, alpha=0.01, percdamp=0.01)
         epmq = gptq_round(problem.target, problem.hessian, 4, 32).weight
         gptq = gptq_round(merged, damped(sum(hessians), 0.01), 4, 32).weight
         rtn = rtn_quantize(merged, 4, 32).weight
@@ -89,8 +92,37 @@ def test_rejects_mismatched_statistics():
     with pytest.raises(ValueError, match="2 expert weights but 1"):
         epmq_target(merged, experts[:2], [inputs[0] @ inputs[0].T], 0.01)
     with pytest.raises(ValueError, match="shape"):
-        EpmqAccumulator(merged).add_task(experts[0][:, :10], inputs[0] @ inputs[0].T)
+        folded(merged, [experts[0][:, :10]], [inputs[0] @ inputs[0].T])
+    with pytest.raises(ValueError, match="shape"):
+        folded(merged, [experts[0], experts[1][:10]], [inputs[0] @ inputs[0].T] * 2)
+    with pytest.raises(ValueError, match="shape"):
+        folded(merged, experts[:1], [inputs[0] @ inputs[0].T]).problem("w", merged[:10], 0.01, 0.01)
+    with pytest.raises(ValueError, match="Hessian must be"):
+        folded(merged, experts[:1], [inputs[0][:10] @ inputs[0][:10].T])
     with pytest.raises(ValueError, match="NaN"):
-        EpmqAccumulator(merged).add_task(torch.full_like(merged, float("nan")), inputs[0] @ inputs[0].T)
+        folded(merged, [torch.full_like(merged, float("nan"))], [inputs[0] @ inputs[0].T])
     with pytest.raises(ValueError, match="alpha"):
         anchor_strength(torch.eye(3), -1.0)
+
+
+def test_batches_and_whole_tasks_fold_the_same_statistics():
+    """The engine sums a task's Hessian batch by batch; a whole Hessian gives the same fold."""
+    merged, experts, inputs = merge_instance(5)
+    by_batch = TaskStatistics(["w"], merged.shape[1], fold_experts=True, dtype=torch.float64, device="cpu")
+    for w, x in zip(experts, inputs):
+        for batch in x.T.split(40):
+            by_batch.add_batch(batch)
+        by_batch.end_task({"w": w})
+    whole = folded(merged, experts, [x @ x.T for x in inputs])
+    assert by_batch.task_tokens == [x.shape[1] for x in inputs]
+    assert torch.allclose(by_batch.hessian_sum, whole.hessian_sum, rtol=1e-12)
+    assert torch.allclose(by_batch.rhs["w"], whole.rhs["w"], rtol=1e-12)
+    assert by_batch.expert_energy["w"] == pytest.approx(whole.expert_energy["w"], rel=1e-12)
+
+
+def test_statistics_without_experts_refuse_an_e_pmq_problem():
+    statistics = TaskStatistics(["w"], 4, fold_experts=True, dtype=torch.float64, device="cpu")
+    with pytest.raises(ValueError, match="at least one task"):
+        statistics.problem("w", torch.zeros(2, 4), 0.01, 0.01)
+    with pytest.raises(ValueError, match="needs expert weights"):
+        statistics.add_task(torch.eye(4), None)

@@ -19,12 +19,14 @@ def snakemake(*args, cwd, timeout=1800):
     return subprocess.run([*SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_lint_is_clean():
     out = snakemake("--lint", cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Congratulations" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_default_config_plans_every_target(tmp_path):
     # an empty working directory: outputs already built in the checkout would leave nothing to plan
     out = snakemake("--configfile", str(ROOT / "config" / "config.yaml"), "--directory", str(tmp_path),
@@ -34,6 +36,7 @@ def test_default_config_plans_every_target(tmp_path):
         assert rule in out.stdout, rule
 
 
+@pytest.mark.slow
 def test_paper_config_plans_every_table_and_figure():
     out = snakemake("paper", "--configfile", str(ROOT / "config" / "paper.yaml"), "-n", "--quiet", "rules", cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

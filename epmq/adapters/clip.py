@@ -1,6 +1,6 @@
 """CLIP vision towers: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and ``CLIPModel``'s vision part.
 
-Only the vision tower is quantized (method.md section 6): the text tower, projections and logit
+Only the vision tower is quantized (paper §5.1, FusionBench's CLIP experts): the text tower, projections and logit
 scale stay as they are.
 """
 

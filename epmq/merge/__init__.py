@@ -15,6 +15,7 @@ from epmq.merge.registry import (
     Merger,
     StateDictInputs,
     merge_state_dicts,
+    register_merge,
 )
 from epmq.merge.streaming import MERGE_RECORD, CheckpointInputs, merge_checkpoints
 
@@ -29,5 +30,6 @@ __all__ = [
     "add_arguments",
     "merge_checkpoints",
     "merge_state_dicts",
+    "register_merge",
     "run",
 ]

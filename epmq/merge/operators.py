@@ -1,7 +1,7 @@
 """The merge operators as pure tensor functions, one state-dict tensor at a time.
 
 Semantics follow tanganke/fusion_bench (``simple_average``, ``task_arithmetic``, ``ties_merging``
-with ``ties_merging_utils``, ``wudi``) and ``../shared/spec/method.md`` section 5. Every function
+with ``ties_merging_utils``, ``wudi``) and the merging operator ``M`` of the paper's eq. 4 (§5.1). Every function
 takes the pretrained tensor ``W_0`` and/or the experts' tensors ``W_i`` (or their task vectors
 ``tau_i = W_i - W_0``, stacked along a leading task dimension) and returns float tensors in the
 computation dtype; callers cast back to the checkpoint's dtype.

@@ -179,7 +179,10 @@ class Merger:
 MERGERS: dict[str, Merger] = {}
 
 
-def _register(name: str):
+def register_merge(name: str):
+    """Decorator: register a preparation function ``prepare(inputs, params, device) -> TensorRule`` as
+    merge operator ``name`` (its parameters: section ``merge.<name>`` of the methods schema)."""
+
     def decorate(prepare):
         MERGERS[name] = Merger(name, prepare)
         return prepare
@@ -187,17 +190,17 @@ def _register(name: str):
     return decorate
 
 
-@_register("simple_average")
+@register_merge("simple_average")
 def _prepare_simple_average(inputs: MergeInputs, params: dict, device) -> TensorRule:
     return lambda key, pretrained, experts: operators.simple_average(experts)
 
 
-@_register("task_arithmetic")
+@register_merge("task_arithmetic")
 def _prepare_task_arithmetic(inputs: MergeInputs, params: dict, device) -> TensorRule:
     return lambda key, pretrained, experts: operators.task_arithmetic(pretrained, experts, params["scaling"])
 
 
-@_register("ties")
+@register_merge("ties")
 def _prepare_ties(inputs: MergeInputs, params: dict, device) -> TensorRule:
     """TIES's whole-model quantities: per-task global thresholds, then the majority sign.
 
@@ -228,7 +231,7 @@ def _prepare_ties(inputs: MergeInputs, params: dict, device) -> TensorRule:
     )
 
 
-@_register("wudi")
+@register_merge("wudi")
 def _prepare_wudi(inputs: MergeInputs, params: dict, device) -> TensorRule:
     """WUDI: Adam on the interference loss for the optimised tensors, the mean task vector elsewhere."""
     optimised = operators.WUDI_TENSORS[params["tensors"]]

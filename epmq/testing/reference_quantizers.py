@@ -1,6 +1,6 @@
 """Run llm-compressor's GPTQ and AWQ offline on CPU and read back dequantized weights.
 
-This is a helper module (imported by tests and bench scripts; it holds no tests) for
+Imported by the tests and the bench scripts (``pip install -e '.[reference]'``) for
 cross-checking our own GPTQ / AWQ against the maintained reference implementation
 ``llmcompressor==0.14.0.1`` (with ``compressed-tensors==0.19``). Everything runs on CPU with
 no network: the model is passed as an object (or loaded from a local directory), and the
@@ -207,6 +207,11 @@ from unittest import mock
 
 import torch
 
+from epmq.config import method_params
+from epmq.engine import quantize_model
+from epmq.catalog import get_method
+from epmq.testing.models import input_gram
+
 __all__ = [
     "ReferenceResult",
     "llmcompressor_available",
@@ -215,6 +220,11 @@ __all__ = [
     "run_llmcompressor_gptq",
     "run_llmcompressor_awq",
     "weight_quant_args",
+    "BITS",
+    "GROUP",
+    "DAMP",
+    "ours",
+    "relative_output_errors",
 ]
 
 
@@ -701,3 +711,27 @@ def _collect(original, out, *, expect_on_grid: bool) -> ReferenceResult:
         codes=codes,
         g_idx=gidx,
     )
+
+
+# ---------------------------------------------------------------- the cross-check setting --
+#: bits, group size and damping of tests/test_reference_crosscheck.py and bench/reference_errors.py
+BITS, GROUP, DAMP = 4, 32, 0.01
+
+
+def relative_output_errors(model, tasks, weights, input_scales=None, output_scales=None):
+    """``||(W_eff - W) X|| / ||W X||`` per layer, ``W_eff = diag(s_out) Q diag(1/s_in)``."""
+    errors = {}
+    for name, weight in weights.items():
+        gram = input_gram(model, name, tasks)
+        reference = model.get_submodule(name).weight.detach().double()
+        s_in = (input_scales or {}).get(name, torch.ones(reference.shape[1])).double()
+        s_out = (output_scales or {}).get(name, torch.ones(reference.shape[0])).double()
+        diff = s_out[:, None] * weight.double() / s_in[None, :] - reference
+        errors[name] = float(((diff @ gram) * diff).sum() / ((reference @ gram) * reference).sum()) ** 0.5
+    return errors
+
+
+def ours(model, tasks, **params):
+    copy_ = copy.deepcopy(model)
+    method = get_method("gptq", method_params("quantize", bits=BITS, group_size=GROUP, percdamp=DAMP, **params))
+    return {name: layer.weight for name, layer in quantize_model(copy_, method, tasks).replacements.items()}

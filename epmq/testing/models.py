@@ -1,4 +1,5 @@
-"""Small models of the paper's architectures, built from config (no download), and their experts."""
+"""Small models of the paper's architectures, built from config (no download), their experts and
+calibration batches, for the tests and the bench scripts."""
 
 from __future__ import annotations
 
@@ -121,3 +122,16 @@ def padded_text_batches(n_batches: int, batch: int = 4, length: int = 16, seed: 
             item["labels"] = torch.randint(1, 128, (batch, 6), generator=g)
         batches.append(item)
     return batches
+
+
+def input_gram(model, name, tasks):
+    """X^T X of the inputs ``name`` receives when the tasks' batches run through ``model``."""
+    captured = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+    with torch.no_grad():
+        for task in tasks:
+            for batch in task.batches:
+                model(**batch)
+    handle.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
+    return x.T @ x

@@ -10,21 +10,20 @@ computed on the outputs of rounded layers).
 import torch
 
 from epmq.grid import rtn_quantize
-from epmq.methods import LayerResult, QuantMethod, register_method
+from epmq.quant.base import LayerResult, QuantMethod, register_method
 from epmq.solver import gptq_round
-from epmq.stats import epmq_problem
 
 
 @register_method("epmq")
 class EPMQ(QuantMethod):
+    label = "w/ E-PMQ"
     needs_experts = True
+    takes_alpha = True
     round_target = True
 
     def problem(self, name, weight, stats):
         p = self.params
-        return epmq_problem(
-            weight, stats.rhs[name], stats.expert_energy[name], stats.hessian_sum, p["alpha"], p["percdamp"]
-        )
+        return stats.problem(name, weight, p["alpha"], p["percdamp"])
 
     def quantize(self, name, weight, stats):
         p = self.params
@@ -58,6 +57,7 @@ class EPMQUnrounded(EPMQ):
     """E-PMQ's sequential continuous relaxation: every target ``W*`` left in full precision, each
     computed on the outputs of the unrounded ``W*`` layers before it (an analysis row, not a quantizer)."""
 
+    label = "E-PMQ's sequential continuous relaxation (W*, fp)"
     round_target = False
 
     def describe(self):
