@@ -10,8 +10,8 @@ from baselines.awq import candidate_scales, kept_candidates
 from epmq.adapters import adapter_for
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
-from epmq.methods import get_method
-from tests.models import image_batches, text_batches, tiny_clip_vision, tiny_llama
+from epmq.catalog import get_method
+from epmq.testing.models import image_batches, text_batches, tiny_clip_vision, tiny_llama
 
 FAMILIES = {"clip": (tiny_clip_vision, lambda: image_batches(3)), "llama": (tiny_llama, lambda: text_batches(3))}
 
