@@ -11,8 +11,8 @@ K tasks of 256 samples. Every reduction is undone by the formula printed next to
 Work per rule (the functions the rule's ``python -m epmq`` stage calls):
 
 - merge: ``epmq.merge.streaming.merge_checkpoints`` (each operator of the paper's tables for the
-  family; WUDI with 1 Adam step instead of 300) of the one-block checkpoints with K = 2 experts.
-  Paper time = t x (P / p) x (K / 2) [x 300 for WUDI]; paper memory = the model in its dtype
+  family; WUDI with 1 Adam step instead of its default number, 400) of the one-block checkpoints with K = 2 experts.
+  Paper time = t x (P / p) x (K / 2) [x WUDI's steps]; paper memory = the model in its dtype
   (one output shard at most) + (m - model_meas) x (K / 2) x (T / t_max), T and t_max the largest
   tensor of the paper model and of the measured one.
 - quantize: ``epmq.engine.quantize_model`` (RTN, GPTQ, AWQ, E-PMQ) on the merged one-block model.
@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
 K_MEASURED = 2
-WUDI_STEPS_PAPER = 300
 
 
 @dataclass
@@ -233,11 +232,11 @@ def measure_family(family: Family, workdir: Path, threads: int) -> list[Row]:
         params = {"steps": 1} if merge == "wudi" else {}
         out = workdir / f"merged-{merge}"
         _, seconds, peak = measured(lambda: merge_checkpoints(merge, pretrained, experts, out, params))
-        steps = WUDI_STEPS_PAPER if merge == "wudi" else 1
+        steps = method_params("merge", "wudi")["steps"] if merge == "wudi" else 1
         hours = seconds * family.params_paper / p_measured * k_ratio * steps / 3600
         memory = model_paper + max(0, peak - size_measured) * k_ratio * family.largest_tensor_paper / largest
         rows.append(Row("merge", family.name, merge, seconds, peak / MIB, hours, memory / gib,
-                        f"t*P/p*K/2{'*300' if steps > 1 else ''}; model+(m-model_meas)*K/2*T/t_max"))
+                        f"t*P/p*K/2{f'*{steps}' if steps > 1 else ''}; model+(m-model_meas)*K/2*T/t_max"))
         if merge != "task_arithmetic":
             shutil.rmtree(out)
     # quantize: on the task-arithmetic merge, or a width-reduced one
