@@ -118,19 +118,23 @@ def gptq_round(
     u = inverse_cholesky_upper(h, hessian_factor.double() if reuse else None).to(torch.float32)
 
     n_groups = -(-d_in // size)
-    codes = torch.empty_like(w)
+    # The loop reads and updates one column at a time: it works on transposed copies of each block
+    # (and of the static grids), whose rows are the columns, contiguous in memory. Every element
+    # goes through the same arithmetic as in the column-major statement of the algorithm.
+    codes = torch.empty(d_in, d_out, dtype=w.dtype, device=w.device)
     scales = torch.empty(d_out, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
+    static_rows = (static[0].T.contiguous(), static[1].T.contiguous()) if static is not None else None
     for i1 in range(0, d_in, block_size):
         i2 = min(i1 + block_size, d_in)
-        block = w[:, i1:i2].clone()
+        block = w[:, i1:i2].T.contiguous()
         errors = torch.zeros_like(block)
         u_block = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column = i1 + i
-            if static is not None:
+            if static_rows is not None:
                 group = int(perm[column] if perm is not None else column) // size
-                scale, zero = static[0][:, group], static[1][:, group]
+                scale, zero = static_rows[0][group], static_rows[1][group]
             elif column % size == 0:
                 if group_fit == "block_start":  # w gets this block's updates only when the block ends
                     columns = w[:, column : column + size]
@@ -138,20 +142,19 @@ def gptq_round(
                     columns = _current_group(w, block, errors, u, i1, i2, i, size)
                 scale, zero = fit_scale_zero(columns, bits, sym)
                 scales[:, column // size], zeros[:, column // size] = scale, zero
-            q = quantize_codes(block[:, i], scale, zero, bits)
-            codes[:, column] = q
-            error = (block[:, i] - dequantize_codes(q, scale, zero)) / u_block[i, i]
-            block[:, i:] -= error[:, None] * u_block[i, i:][None, :]
-            errors[:, i] = error
-        w[:, i2:] -= errors @ u[i1:i2, i2:]
+            current = block[i]
+            q = quantize_codes(current, scale, zero, bits)
+            codes[column] = q
+            error = torch.div(current - dequantize_codes(q, scale, zero), u_block[i, i], out=errors[i])
+            block[i:] -= u_block[i, i:, None] * error
+        w[:, i2:] -= errors.T.contiguous() @ u[i1:i2, i2:]
 
     if static is not None:
         scales, zeros = static
     g_idx = group_index(d_in, group_size, None if static_groups else perm)
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
+    codes = codes.T if perm is None else codes.T[:, torch.argsort(perm)]
     return QuantizedWeight(
-        codes.to(torch.uint8), scales, zeros.to(torch.uint8), g_idx.to(w.device), bits, group_size, sym
+        codes.to(torch.uint8, memory_format=torch.contiguous_format), scales, zeros.to(torch.uint8), g_idx.to(w.device), bits, group_size, sym
     )
 
 
@@ -177,13 +180,15 @@ def _static_group_grids(w, bits, size, sym):
 
 
 def _current_group(w, block, errors, u, i1, i2, i, size):
-    """The error-updated columns of the group starting at block column ``i``.
+    """The error-updated columns of the group starting at block column ``i`` (d_out x columns).
 
-    Columns inside the block are read from ``block`` (updated column by column); columns past the
-    block still owe the block's pending lazy update, which is applied here to a copy.
+    ``block`` and ``errors`` hold the block's columns as rows. Columns inside the block are read
+    from ``block`` (updated column by column); columns past the block still owe the block's pending
+    lazy update, which is applied here to a copy.
     """
     end = min(i1 + i + size, w.shape[1])
     if end <= i2:
-        return block[:, i : end - i1]
-    beyond = w[:, i2:end] - errors[:, :i] @ u[i1 : i1 + i, i2:end]
-    return torch.cat([block[:, i:], beyond], dim=1)
+        return block[i : end - i1].T
+    pending = errors.T.contiguous()[:, :i]
+    beyond = w[:, i2:end] - pending @ u[i1 : i1 + i, i2:end]
+    return torch.cat([block[i:].T, beyond], dim=1)
