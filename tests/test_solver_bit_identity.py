@@ -14,15 +14,15 @@ import pytest
 import torch
 
 import baselines.gptq
-import epmq.method
+import epmq.quant.epmq
 from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.grid import QuantizedWeight, dequantize_codes, fit_scale_zero, group_index, quantize_codes
 from epmq.io import LazyCheckpoint
-from epmq.methods import get_method
+from epmq.catalog import get_method
 from epmq.solver import _static_group_grids, gptq_round, inverse_cholesky_upper, zero_dead_columns
 from epmq.stats import damped
-from tests.models import image_batches, save_experts, text_batches, tiny_clip_vision, tiny_llama
+from epmq.testing.models import image_batches, save_experts, text_batches, tiny_clip_vision, tiny_llama
 
 
 def column_major_gptq_round(target, hessian, bits, group_size, sym=False, act_order=False, block_size=128,
@@ -141,7 +141,7 @@ def replacements(build, batches, method, params, tmp_path):
 def test_engine_output_is_identical_with_the_column_major_loop(build, batches, method, params, tmp_path, monkeypatch):
     fast, fast_state = replacements(build, batches, method, params, tmp_path / "fast")
     monkeypatch.setattr(baselines.gptq, "gptq_round", column_major_gptq_round)
-    monkeypatch.setattr(epmq.method, "gptq_round", column_major_gptq_round)
+    monkeypatch.setattr(epmq.quant.epmq, "gptq_round", column_major_gptq_round)
     slow, slow_state = replacements(build, batches, method, params, tmp_path / "slow")
     assert fast.replacements.keys() == slow.replacements.keys()
     for name in fast.replacements:
