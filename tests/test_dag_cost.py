@@ -50,3 +50,31 @@ def test_unknown_target_exits_2(tmp_path, capsys):
         dag_cost.main(["--suite", "s", "--targets", "t9", "--benchmarks", str(tmp_path)])
     assert exc.value.code == 2
     assert "t9" in capsys.readouterr().err
+
+
+def test_pending_jobs_are_costed_at_their_group_mean_else_their_rule_mean():
+    dry_run = """
+rule quantize:
+    output: results/s/quant/ties/awq/w4g128n256
+    benchmark: benchmarks/s/quantize/ties/awq/w4g128n256.tsv
+rule quantize:
+    benchmark: benchmarks/s/quantize/ties/epmq-a0/w4g128n256.tsv
+rule evaluate:
+    benchmark: benchmarks/s/evaluate/quant/ties/awq/w4g128n256.tsv
+rule render:
+    benchmark: benchmarks/tables/t1.render.tsv
+rule merge:
+    benchmark: benchmarks/s/merge/wudi.tsv
+rule evaluate:
+    benchmark: benchmarks/other/evaluate/merged/ties.tsv
+localrule t1:
+    input: results/tables/t1.csv
+"""
+    pending = dag_cost.pending_groups(dry_run, "s")
+    assert pending == ["quantize awq", "quantize epmq", "evaluate", "render", "merge"]
+    groups = {"quantize epmq": [(1.0, 40.0), (1.0, 60.0)], "quantize gptq": [(1.0, 20.0)], "evaluate": [(1.0, 30.0)],
+              "render": [(1.0, 2.0)]}
+    cpu, uncosted = dag_cost.projection(groups, pending)
+    # awq: no awq measured, so the mean of every quantize job (40); epmq 50; evaluate 30; render 2; merge uncosted
+    assert cpu == 40.0 + 50.0 + 30.0 + 2.0
+    assert uncosted == ["merge"]
