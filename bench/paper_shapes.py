@@ -37,6 +37,7 @@ import argparse
 import gc
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -321,11 +322,22 @@ def _load_memory():
     return module
 
 
+def first_attempt(value):
+    """A profile resource on a job's first attempt: ``64000`` or ``"64000 * attempt"`` -> 64000."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*\*\s*attempt\s*", value)
+        if not match:
+            raise SystemExit(f"profiles/slurm/config.yaml: resource {value!r} is neither a number nor 'N * attempt'")
+        return int(match.group(1))
+    return value
+
+
 def profile_requests() -> dict[str, dict]:
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     default = profile.get("default-resources", {})
-    return {rule: {**default, **profile.get("set-resources", {}).get(rule, {}),
-                   "threads": profile.get("set-threads", {}).get(rule, 1)} for rule in ("merge", "quantize", "evaluate")}
+    requests = {rule: {**default, **profile.get("set-resources", {}).get(rule, {})} for rule in ("merge", "quantize", "evaluate")}
+    return {rule: {**request, **{key: first_attempt(request[key]) for key in ("mem_mb", "runtime") if key in request},
+                   "threads": profile.get("set-threads", {}).get(rule, 1)} for rule, request in requests.items()}
 
 
 def main() -> int:
