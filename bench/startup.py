@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import validate
 
-from epmq.suites.registry import packaged_config
+from epmq.suites.base import packaged_config
 
 ROOT = Path(__file__).resolve().parents[1]
 _IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+\d+ \| (\S+)$")  # top level: one space, then the name

@@ -30,7 +30,7 @@ import torch
 
 from epmq.grid import rtn_quantize
 from epmq.suites import mini_clip8
-from epmq.suites.registry import builder_of
+from epmq.suites.base import builder_of
 from evals import clip_zeroshot as zs
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from epmq.io import atomic_write_json, provenance
-from epmq.suites.registry import eval_tasks, load_suite
+from epmq.suites.base import load_suite
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module, cfg = load_suite(args.suite_config)
+    suite = load_suite(args.suite_config)
+    cfg = suite.cfg
     if args.threads:
         cfg["threads"] = args.threads
         torch.set_num_threads(args.threads)
-    known = eval_tasks(module, cfg)
+    known = suite.eval_tasks()
     unknown = [task for task in args.tasks if task not in known]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; the suite evaluates {known}")
     started = time.time()
-    results = module.evaluate(cfg, args.model, args.tasks, args.data, args.suite_dir)
+    results = suite.evaluate(args.model, args.tasks, args.data, args.suite_dir)
     record = provenance(suite_config=str(cfg["config_path"]), eval_seconds=round(time.time() - started, 2))
     for task in args.tasks:
         result = dict(results[task])

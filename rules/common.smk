@@ -26,8 +26,7 @@ from epmq.workflow import (
     method_wildcard,
     one_of,
 )
-from epmq.suites.registry import eval_tasks as suite_eval_tasks
-from epmq.suites.registry import config_files, load_suite, packaged_config
+from epmq.suites.base import config_files, load_suite, packaged_config
 from snakemake.exceptions import WorkflowError
 
 # what each registered quantization method declares (epmq/quant/base.py: QuantMethod)
@@ -73,11 +72,11 @@ _SUITES = {}
 def _suite(suite):
     if suite not in _SUITES:
         path = suite_config_path(suite)
-        suite_module, cfg = load_suite(path)
-        bad = [name for name in [*cfg["tasks"], *suite_eval_tasks(suite_module, cfg)] if not re.fullmatch(NAME, str(name))]
+        loaded = load_suite(path)
+        bad = [name for name in [*loaded.cfg["tasks"], *loaded.eval_tasks()] if not re.fullmatch(NAME, str(name))]
         if bad:
             raise WorkflowError(f"{path}: task names {bad} are not plain names (letters, digits, _ . -, no leading dot)")
-        _SUITES[suite] = suite_module, cfg
+        _SUITES[suite] = loaded
     return _SUITES[suite]
 
 
@@ -89,12 +88,12 @@ def suite_config_files(wildcards):
 
 def tasks(suite):
     """The experts' tasks (one expert and one calibration set each)."""
-    return list(_suite(suite)[1]["tasks"])
+    return list(_suite(suite).cfg["tasks"])
 
 
 def eval_tasks(suite):
     """The tasks every model is evaluated on (the experts' tasks, or an LLM suite's benchmarks)."""
-    return suite_eval_tasks(*_suite(suite))
+    return _suite(suite).eval_tasks()
 
 
 def method_id(method, alpha):

@@ -390,7 +390,7 @@ def make_fixtures(hf_home: str | os.PathLike, table: str | os.PathLike = ROOT / 
     import tempfile
 
     from epmq.suites.hub import load_config
-    from epmq.suites.registry import packaged_config
+    from epmq.suites.base import packaged_config
 
     hf_home = Path(hf_home)
     entries = read_experts_table(table)

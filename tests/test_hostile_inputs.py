@@ -407,7 +407,7 @@ def test_suite_yaml_edits_rerun_the_jobs_that_read_it(tmp_path):
 
 
 def test_config_files_name_the_yaml_its_bases_and_the_experts_table():
-    from epmq.suites.registry import config_files
+    from epmq.suites.base import config_files
 
     files = [str(path) for path in config_files(ROOT / "epmq/suites/paper/clip-b32-ta8.yaml")]
     assert files[0].endswith("clip-b32-ta8.yaml") and files[-1] == "config/experts.tsv"
@@ -433,7 +433,7 @@ def test_mini_llm3_expressions_are_data_not_code():
 def test_a_suite_yaml_answer_cannot_run_code(tmp_path):
     from epmq.suites import mini_llm3
     from epmq.suites.expressions import ExpressionError
-    from epmq.suites.registry import packaged_config
+    from epmq.suites.base import packaged_config
 
     cfg = mini_llm3.load_config(packaged_config("mini-llm3"))
     cfg["tasks"]["arith"]["templates"][0]["answer"] = f"open({str(tmp_path / 'PWNED')!r}, 'w')"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from epmq.suites import mini_clip8 as suite
-from epmq.suites.registry import packaged_config
+from epmq.suites.base import packaged_config
 from evals import clip_zeroshot as zs
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from epmq.suites import mini_clip8, mini_dino
-from epmq.suites.registry import packaged_config, suite_module
+from epmq.suites.base import builder_of, packaged_config, suite_class
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
@@ -48,7 +48,7 @@ def built(tmp_path_factory, cfg):
 
 
 def test_builder_dispatch_and_default_config():
-    assert suite_module(packaged_config("mini-dino")) is mini_dino
+    assert suite_class(builder_of(packaged_config("mini-dino"))) is mini_dino.MiniDino
     full = mini_dino.load_config(packaged_config("mini-dino"))
     assert full["backbone"]["image_size"] % 14 == 0
     for task in full["tasks"].values():

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from epmq.suites import mini_llm3 as suite
-from epmq.suites.registry import packaged_config
+from epmq.suites.base import packaged_config
 from tests.suite_data import requires_spamassassin
 
 SMOKE = packaged_config("mini-llm3-smoke")

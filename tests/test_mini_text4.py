@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from epmq.suites import mini_text4 as suite
-from epmq.suites.registry import packaged_config
+from epmq.suites.base import packaged_config
 from tests.suite_data import requires_spamassassin
 
 SMOKE = packaged_config("mini-text4-smoke")

@@ -6,7 +6,7 @@
     python -m epmq suite calib    --suite-config YAML --task NAME --samples N --seed S --out FILE
                                   [--data DIR] [--suite-dir DIR]
 
-The suite YAML's ``builder`` picks the module (``epmq.suites.registry``): offline suites train
+The suite YAML's ``builder`` picks the Suite class (``epmq.suites.base``): offline suites train
 here, hub suites fetch. Outputs are written atomically.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from epmq.cli import add_overwrite_argument, positive_int
 from epmq.io import check_output
-from epmq.suites.registry import call_with_supported, load_suite, packaged_config
+from epmq.suites.base import load_suite, packaged_config
 
 #: provenance files the suite stages write into their output folders (a previous output holds one)
 STAGE_RECORDS = ("build.json", "manifest.json", "fetch.json")
@@ -58,21 +58,21 @@ def run(args: argparse.Namespace) -> int:
     inputs = [path for path in (args.suite_config, getattr(args, "data", None), getattr(args, "pretrained", None)) if path]
     check_output(args.out, inputs=inputs, records=STAGE_RECORDS, overwrite=args.overwrite,
                  is_file=args.suite_command == "calib")
-    module, cfg = load_suite(args.suite_config or packaged_config("mini-clip8"))
+    suite = load_suite(args.suite_config or packaged_config("mini-clip8"))
+    cfg = suite.cfg
     if args.threads:
         cfg["threads"] = args.threads
         torch.set_num_threads(args.threads)
     if args.suite_command == "data":
-        module.write_data_cache(cfg, args.out)
+        suite.write_data(args.out)
     elif args.suite_command == "pretrain":
-        module.pretrain(cfg, args.out, args.data)
+        suite.build_pretrained(args.out, args.data)
     elif args.suite_command == "finetune":
         if args.task not in cfg["tasks"]:
             raise ValueError(f"unknown task {args.task!r}; the suite has {list(cfg['tasks'])}")
-        module.finetune(cfg, args.pretrained, args.task, args.out, args.data)
+        suite.build_expert(args.pretrained, args.task, args.out, args.data)
     elif args.suite_command == "calib":
         if args.task not in cfg["tasks"]:
             raise ValueError(f"unknown task {args.task!r}; the suite has {list(cfg['tasks'])}")
-        call_with_supported(module.write_calibration, cfg, args.task, args.samples, args.seed, args.out, args.data,
-                            suite_dir=args.suite_dir)
+        suite.write_calibration(args.task, args.samples, args.seed, args.out, args.data, args.suite_dir)
     return 0

@@ -68,6 +68,15 @@ def set_threads(cfg: dict, override: int | None = None) -> int:
     return threads
 
 
+def state_signature(directory: Path) -> dict[str, tuple]:
+    """``{tensor name: (shape, dtype)}`` of ``directory/model.safetensors``: an expert must match its
+    pretrained model's."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        return {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in handle.keys()}
+
+
 def stable_seed(*parts: object) -> int:
     """A stable 32-bit integer for (seed, names...), for seeding generators reproducibly."""
     return zlib.crc32("/".join(map(str, parts)).encode())

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from epmq.io import atomic_output_dir
+from epmq.suites.base import Suite, register_suite
 
 BUILDERS = ("hub-clip", "hub-t5", "hub-llama")
 _REQUIRED = ("suite", "builder", "tasks", "experts_table")
@@ -305,3 +306,30 @@ def evaluate(cfg: dict, model_dir, tasks, data_dir, suite_dir) -> dict[str, dict
                            limit=options.get("limit"), num_fewshot=options.get("num_fewshot"),
                            apply_chat_template=options.get("chat", False),
                            confirm_run_unsafe_code=options.get("allow_code", False), device=_device(cfg))
+
+
+@register_suite("hub-clip", "hub-t5", "hub-llama")
+class HubSuite(Suite):
+    """The paper-scale suites: models and data fetched from the hub (or local copies)."""
+
+    @classmethod
+    def load_config(cls, path):
+        return load_config(path)
+
+    def write_data(self, out):
+        write_data_cache(self.cfg, out)
+
+    def build_pretrained(self, out, data_dir=None):
+        pretrain(self.cfg, out, data_dir)
+
+    def build_expert(self, pretrained, task, out, data_dir=None):
+        finetune(self.cfg, pretrained, task, out, data_dir)
+
+    def write_calibration(self, task, samples, seed, out, data_dir=None, suite_dir=None):
+        write_calibration(self.cfg, task, samples, seed, out, data_dir, suite_dir=suite_dir)
+
+    def evaluate(self, model_dir, tasks, data_dir, suite_dir):
+        return evaluate(self.cfg, model_dir, tasks, data_dir, suite_dir)
+
+    def eval_tasks(self):
+        return eval_tasks(self.cfg)

@@ -22,6 +22,7 @@ from epmq.suites.mini_clip8 import (
     write_calibration,
     write_data_cache,
 )
+from epmq.suites.base import Suite, register_suite
 
 __all__ = ["evaluate", "finetune", "load_config", "pretrain", "write_calibration", "write_data_cache"]
 
@@ -66,3 +67,27 @@ def evaluate(cfg: dict, model_dir, tasks, data_dir, suite_dir) -> dict[str, dict
         results[task] = {"task": task, "suite": cfg["suite"], "metric": "top1", "accuracy": accuracy, "stderr": stderr,
                          "n": n, "model": str(model_dir), "heads": str(heads_file)}
     return results
+
+
+@register_suite("mini-clip")
+class MiniClip8(Suite):
+    """mini-clip8 (and its smoke variant): a CLIP tower pretrained here, zero-shot heads from MiniLM."""
+
+    @classmethod
+    def load_config(cls, path):
+        return load_config(path)
+
+    def write_data(self, out):
+        write_data_cache(self.cfg, out)
+
+    def build_pretrained(self, out, data_dir=None):
+        pretrain(self.cfg, out, data_dir)
+
+    def build_expert(self, pretrained, task, out, data_dir=None):
+        finetune(self.cfg, pretrained, task, out, data_dir)
+
+    def write_calibration(self, task, samples, seed, out, data_dir=None, suite_dir=None):
+        write_calibration(self.cfg, task, samples, seed, out, data_dir)
+
+    def evaluate(self, model_dir, tasks, data_dir, suite_dir):
+        return evaluate(self.cfg, model_dir, tasks, data_dir, suite_dir)

@@ -97,7 +97,7 @@ SPLITS = ("pretrain", "finetune", "calib", "test")
 def load_config(path: str | os.PathLike | None = None) -> dict:
     """Read a suite YAML (resolving ``base:`` and ``include_tasks:``) and check its structure."""
     if path is None:
-        from epmq.suites.registry import packaged_config
+        from epmq.suites.base import packaged_config
 
         path = packaged_config("mini-clip8")
     raw = read_suite_yaml(path)

