@@ -431,14 +431,15 @@ def test_mini_llm3_expressions_are_data_not_code():
 
 
 def test_a_suite_yaml_answer_cannot_run_code(tmp_path):
-    from epmq.suites import mini_llm3
-    from epmq.suites.expressions import ExpressionError
     from epmq.suites.base import packaged_config
+    from epmq.suites.expressions import ExpressionError
+    from epmq.suites.mini_llm3 import MiniLlm3
+    from epmq.suites.mini_llm3.data import generate_items
 
-    cfg = mini_llm3.load_config(packaged_config("mini-llm3"))
+    cfg = MiniLlm3.load_config(packaged_config("mini-llm3"))
     cfg["tasks"]["arith"]["templates"][0]["answer"] = f"open({str(tmp_path / 'PWNED')!r}, 'w')"
     with pytest.raises(ExpressionError, match="Call is not allowed"):
-        mini_llm3._generate_items(cfg, "arith", 50)
+        generate_items(cfg, "arith", 50)
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from epmq.suites import mini_clip8, mini_llm3, mini_text4
+from epmq.suites import mini_clip8, mini_text4
+from epmq.suites.base import packaged_config
+from epmq.suites.mini_llm3 import MiniLlm3
+from epmq.suites.mini_llm3.data import SPLITS as LLM_SPLITS
+from epmq.suites.mini_llm3.data import source_tokenizer, task_items
 from tests.suite_data import requires_spamassassin
 
 pytestmark = pytest.mark.slow
@@ -64,11 +68,11 @@ def test_mini_text4_splits_share_no_token_sequence():
 
 @requires_spamassassin
 def test_mini_llm3_splits_share_no_prompt():
-    cfg = mini_llm3.load_config()
-    tokenizer = mini_llm3._gguf_tokenizer(cfg)
-    inputs: dict[str, set] = {split: set() for split in mini_llm3.SPLITS}
+    cfg = MiniLlm3.load_config(packaged_config("mini-llm3"))
+    tokenizer = source_tokenizer(cfg)
+    inputs: dict[str, set] = {split: set() for split in LLM_SPLITS}
     for task in cfg["tasks"]:
-        for split, docs in mini_llm3.task_items(cfg, task, tokenizer).items():
+        for split, docs in task_items(cfg, task, tokenizer).items():
             inputs[split] |= {digest(tokenizer(doc["prompt"], add_special_tokens=False)["input_ids"]) for doc in docs}
     assert all(inputs.values())
     assert overlaps(inputs) == dict.fromkeys(overlaps(inputs), 0)
