@@ -2,12 +2,13 @@
 
 import pytest
 
-from epmq.suites import mini_text4
+from epmq.suites.mini_text4.config import load_config
+from epmq.suites.mini_text4.corpus import tarball_path
 
 
 def _spamassassin_present() -> bool:
     try:
-        mini_text4.tarball_path(mini_text4.load_config())
+        tarball_path(load_config())
     except FileNotFoundError:
         return False
     return True

@@ -14,8 +14,13 @@ import re
 import pytest
 import torch
 
-from epmq.suites import mini_text4 as suite
 from epmq.suites.base import packaged_config
+from epmq.suites.common import state_signature
+from epmq.suites.mini_text4 import MiniText4
+from epmq.suites.mini_text4.config import BUILD_FILE, HEAD_FILE, MANIFEST_FILE, POOLS
+from epmq.suites.mini_text4.corpus import Cleaner, body_text, list_id
+from epmq.suites.mini_text4.data import calibration_set, load_emails, pool_assignment, task_split, task_splits
+from epmq.suites.mini_text4.model import package_model_path
 from tests.suite_data import requires_spamassassin
 
 SMOKE = packaged_config("mini-text4-smoke")
@@ -26,34 +31,35 @@ pytestmark = requires_spamassassin
 
 @pytest.fixture(scope="module")
 def cfg():
-    return suite.load_config(SMOKE)
+    return MiniText4.load_config(SMOKE)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, cfg):
     """Every stage once on the smoke config: data, pretrain, two experts, calibration, evaluation."""
     root = tmp_path_factory.mktemp("mini-text4-smoke")
-    suite.write_data_cache(cfg, root / "data")
-    suite.pretrain(cfg, root / "pretrained", root / "data")
+    suite = MiniText4(cfg)
+    suite.write_data(root / "data")
+    suite.build_pretrained(root / "pretrained", root / "data")
     for task in cfg["tasks"]:
-        suite.finetune(cfg, root / "pretrained", task, root / "experts" / task, root / "data")
-    suite.write_calibration(cfg, "list-topic", 16, 3, root / "calib" / "list-topic.safetensors", root / "data")
-    results = suite.evaluate(cfg, root / "experts" / "spam", list(cfg["tasks"]), root / "data", root)
+        suite.build_expert(root / "pretrained", task, root / "experts" / task, root / "data")
+    suite.write_calibration("list-topic", 16, 3, root / "calib" / "list-topic.safetensors", root / "data")
+    results = suite.evaluate(root / "experts" / "spam", list(cfg["tasks"]), root / "data", root)
     return root, results
 
 
 @pytest.fixture(scope="module")
 def emails(built, cfg):
-    return suite.load_emails(cfg, built[0] / "data")
+    return load_emails(cfg, built[0] / "data")
 
 
 def test_default_config_is_complete():
-    full = suite.load_config(packaged_config("mini-text4"))
+    full = MiniText4.load_config(packaged_config("mini-text4"))
     assert full["builder"] == "mini-text" and full["suite"] == "mini-text4"
     assert list(full["tasks"]) == ["spam", "list-topic", "hard-ham", "ham-period"]
     assert len(full["tasks"]["list-topic"]["classes"]) == 7
     # all-MiniLM-L6-v2: d_in 384 and 1536, both multiples of the paper's group size 128
-    config = json.loads((suite.package_model_path(full) / "config.json").read_text())
+    config = json.loads((package_model_path(full) / "config.json").read_text())
     assert config["hidden_size"] % 128 == 0 and config["intermediate_size"] % 128 == 0
 
 
@@ -71,9 +77,9 @@ def test_cleaner_strips_what_gives_labels_away(cfg):
         "List maintainer: listmaster@linux.ie\n"
     )
     message = email.message_from_string(raw)
-    assert suite.list_id(message) == "ilug.linux.ie"
-    cleaner = suite.Cleaner(cfg["data"]["clean"], ["ILUG"])
-    text = cleaner(suite.body_text(message))
+    assert list_id(message) == "ilug.linux.ie"
+    cleaner = Cleaner(cfg["data"]["clean"], ["ILUG"])
+    text = cleaner(body_text(message))
     assert "My laptop will not boot" in text
     for leak in ("ILUG", "linux.ie", "mailman", "List-Id", "X-Spam", "Irish Linux", "DeathToSpam", "@", "http", "Subject"):
         assert leak.lower() not in text.lower(), leak
@@ -81,7 +87,7 @@ def test_cleaner_strips_what_gives_labels_away(cfg):
 
 
 def test_cached_corpus_has_no_list_infrastructure(built, emails):
-    manifest = json.loads((built[0] / "data" / suite.MANIFEST_FILE).read_text())
+    manifest = json.loads((built[0] / "data" / MANIFEST_FILE).read_text())
     assert manifest["n_raw"] == 6046 and manifest["n_kept"] == len(emails) > 5000
     texts = [e["text"].lower() for e in emails]
     for leak in ("mailman/listinfo", "deathtospamdeathtospam", "sf.net email is sponsored", "mailing list"):
@@ -93,12 +99,12 @@ def test_cached_corpus_has_no_list_infrastructure(built, emails):
 
 
 def test_pools_and_task_splits_are_disjoint(cfg, emails):
-    pools = suite.pool_assignment(cfg, emails)
-    assert set(pools) == {e["key"] for e in emails} and set(pools.values()) == set(suite.POOLS)
-    assert pools == suite.pool_assignment(cfg, emails)  # seeded
+    pools = pool_assignment(cfg, emails)
+    assert set(pools) == {e["key"] for e in emails} and set(pools.values()) == set(POOLS)
+    assert pools == pool_assignment(cfg, emails)  # seeded
     train_side, test_side = set(), set()
     for task, spec in cfg["tasks"].items():
-        parts = {s: suite.task_split(cfg, task, s, emails, pools) for s in suite.POOLS}
+        parts = {s: task_split(cfg, task, s, emails, pools) for s in POOLS}
         for split, part in parts.items():
             assert len(part) == len(set(part.keys)) > 0
             assert all(pools[k] == split for k in part.keys)
@@ -119,15 +125,15 @@ def test_calibration_is_training_data_and_reproducible(cfg, built):
     assert set(saved) == {"input_ids", "attention_mask", "sample_indices"}
     assert saved["input_ids"].shape[0] == 16 and saved["input_ids"].shape[1] <= cfg["model"]["max_length"]
     assert saved["sample_indices"].dtype == torch.int64
-    tokens, indices = suite.calibration_set(cfg, "list-topic", 16, 3, root / "data")
+    tokens, indices = calibration_set(cfg, "list-topic", 16, 3, root / "data")
     assert torch.equal(indices, saved["sample_indices"]) and torch.equal(tokens["input_ids"], saved["input_ids"])
-    _, other = suite.calibration_set(cfg, "list-topic", 16, 4, root / "data")
+    _, other = calibration_set(cfg, "list-topic", 16, 4, root / "data")
     assert not torch.equal(indices, other)
-    splits = suite.task_splits(cfg, "list-topic", root / "data")
+    splits = task_splits(cfg, "list-topic", root / "data")
     drawn = {splits["calib"].keys[i] for i in indices.tolist()}
     assert not drawn & set(splits["finetune"].keys) and not drawn & set(splits["test"].keys)
     with pytest.raises(ValueError):
-        suite.calibration_set(cfg, "list-topic", len(splits["calib"]) + 1, 0, root / "data")
+        calibration_set(cfg, "list-topic", len(splits["calib"]) + 1, 0, root / "data")
 
 
 def test_pretrained_is_the_package_model_and_experts_match_it(cfg, built):
@@ -135,17 +141,17 @@ def test_pretrained_is_the_package_model_and_experts_match_it(cfg, built):
     from safetensors.torch import load_file
 
     root, _ = built
-    reference = suite.package_model_path(cfg) / "model.safetensors"
+    reference = package_model_path(cfg) / "model.safetensors"
     with safe_open(str(root / "pretrained" / "model.safetensors"), "pt") as ours, safe_open(str(reference), "pt") as package:
         for key in ours.keys():
             assert torch.equal(ours.get_tensor(key), package.get_tensor(key)), key
-    signature = suite._state_signature(root / "pretrained")
+    signature = state_signature(root / "pretrained")
     for task, spec in cfg["tasks"].items():
         expert = root / "experts" / task
-        assert suite._state_signature(expert) == signature
-        head = load_file(str(expert / suite.HEAD_FILE))
+        assert state_signature(expert) == signature
+        head = load_file(str(expert / HEAD_FILE))
         assert head["weight"].shape == (len(spec["classes"]), 384) and head["bias"].shape == (len(spec["classes"]),)
-        build = json.loads((expert / suite.BUILD_FILE).read_text())
+        build = json.loads((expert / BUILD_FILE).read_text())
         assert build["expert_test"]["n"] > 0 and build["steps"] >= 1
     # the encoder moved; with a frozen head, the head is the linear probe's
     with safe_open(str(root / "experts" / "spam" / "model.safetensors"), "pt") as e, \
@@ -161,4 +167,4 @@ def test_evaluate_returns_finite_scores_per_task(cfg, built, emails):
         assert result["task"] == task and result["metric"] == "accuracy"
         assert math.isfinite(result["accuracy"]) and 0 <= result["accuracy"] <= 100
         assert math.isfinite(result["stderr"]) and result["stderr"] >= 0
-        assert result["n"] == len(suite.task_split(cfg, task, "test", emails))
+        assert result["n"] == len(task_split(cfg, task, "test", emails))

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from epmq.suites import mini_clip8, mini_text4
+from epmq.suites import mini_clip8
 from epmq.suites.base import packaged_config
 from epmq.suites.mini_llm3 import MiniLlm3
 from epmq.suites.mini_llm3.data import SPLITS as LLM_SPLITS
 from epmq.suites.mini_llm3.data import source_tokenizer, task_items
+from epmq.suites.mini_text4.config import POOLS, load_config
+from epmq.suites.mini_text4.data import load_emails, pool_assignment, task_split
+from epmq.suites.mini_text4.model import load_tokenizer
 from tests.suite_data import requires_spamassassin
 
 pytestmark = pytest.mark.slow
@@ -52,14 +55,14 @@ def test_mini_clip8_splits_share_no_image():
 
 @requires_spamassassin
 def test_mini_text4_splits_share_no_token_sequence():
-    cfg = mini_text4.load_config()
-    emails = mini_text4.load_emails(cfg)
-    pools = mini_text4.pool_assignment(cfg, emails)
-    tokenizer = mini_text4.load_tokenizer(cfg)
-    inputs: dict[str, set] = {split: set() for split in mini_text4.POOLS}
+    cfg = load_config()
+    emails = load_emails(cfg)
+    pools = pool_assignment(cfg, emails)
+    tokenizer = load_tokenizer(cfg)
+    inputs: dict[str, set] = {split: set() for split in POOLS}
     for task in cfg["tasks"]:
-        for split in mini_text4.POOLS:
-            part = mini_text4.task_split(cfg, task, split, emails, pools)
+        for split in POOLS:
+            part = task_split(cfg, task, split, emails, pools)
             ids = tokenizer(part.texts, truncation=True, max_length=cfg["model"]["max_length"])["input_ids"]
             inputs[split] |= {digest(sequence) for sequence in ids}
     assert all(inputs.values())
