@@ -29,8 +29,12 @@ import math
 import torch
 
 from epmq.grid import rtn_quantize
-from epmq.suites import mini_clip8
 from epmq.suites.base import builder_of
+from epmq.suites.common import set_threads
+from epmq.suites.mini_clip8 import MiniClip8
+from epmq.suites.mini_clip8.data import Sources, task_split, to_pixel_values
+from epmq.suites.mini_clip8.evaluation import average_accuracy, evaluate_tasks, rounded
+from epmq.suites.mini_clip8.heads import HEAD_FILE, load_head
 from evals import clip_zeroshot as zs
 
 
@@ -52,23 +56,23 @@ def encoder_linears(tower: zs.ClipVisionTower) -> list[str]:
             key.endswith(("_proj.weight", "fc1.weight", "fc2.weight"))]
 
 
-def measure(model_dir: Path, cfg, head, sources: mini_clip8.Sources, bits_list, group_size) -> dict:
-    if (model_dir / mini_clip8.HEAD_FILE).exists():  # a pretrained tower carries its own projection
-        head = mini_clip8.load_head(model_dir / mini_clip8.HEAD_FILE)
+def measure(model_dir: Path, cfg, head, sources: Sources, bits_list, group_size) -> dict:
+    if (model_dir / HEAD_FILE).exists():  # a pretrained tower carries its own projection
+        head = load_head(model_dir / HEAD_FILE)
     tower = RecordingTower.from_pretrained(model_dir).eval()
     tasks = list(cfg["tasks"])
     linears = encoder_linears(tower)
-    first = mini_clip8.task_split(cfg, tasks[0], "test", sources)
+    first = task_split(cfg, tasks[0], "test", sources)
     tower.channel_absmax = {}
     with torch.no_grad():
-        tower(mini_clip8.to_pixel_values(first.images[:256], cfg))
+        tower(to_pixel_values(first.images[:256], cfg))
     ratios = [float(m.max() / m.median()) for m in tower.channel_absmax.values()]
     tower.channel_absmax = None
     report = {"model": str(model_dir), "outlier_ratio": {"median": round(statistics.median(ratios), 2),
                                                          "max": round(max(ratios), 2)}}
 
     def average() -> dict:
-        return mini_clip8.average_accuracy(mini_clip8.evaluate_tasks(tower, head, cfg, tasks, sources))
+        return average_accuracy(rounded(evaluate_tasks(tower, head, cfg, tasks, sources), MiniClip8.record_digits))
 
     fp = average()
     accuracy = fp["accuracy"]
@@ -93,23 +97,23 @@ def channel_outlier_ratio(x: torch.Tensor) -> float:
     return float(absmax.max() / absmax.median())
 
 
-def measure_hf(model_dir: Path, cfg, head, sources: mini_clip8.Sources, bits_list, group_size) -> dict:
+def measure_hf(model_dir: Path, cfg, head, sources: Sources, bits_list, group_size) -> dict:
     """``measure`` for a transformers tower of mini-dino (hooks record the linears' inputs)."""
     from epmq.adapters import adapter_for, block_linears
     from epmq.checkpoint import load_model
-    from epmq.suites import mini_dino
+    from epmq.suites.mini_dino.tower import to_pixel_values as dino_pixel_values
 
     model = load_model(model_dir).eval()
     adapter = adapter_for(model)
     linears = {f"{stack.prefix}.{i}.{name}": module for stack in adapter.stacks(model)
                for i, block in enumerate(stack.blocks) for name, module in block_linears(block).items()}
     tasks = list(cfg["tasks"])
-    first = mini_clip8.task_split(cfg, tasks[0], "test", sources)
+    first = task_split(cfg, tasks[0], "test", sources)
     ratios: dict[str, float] = {}
     handles = [module.register_forward_pre_hook(lambda m, args, name=name: ratios.__setitem__(name, channel_outlier_ratio(args[0])))
                for name, module in linears.items()]
     with torch.no_grad():
-        hidden = model(pixel_values=mini_dino.to_pixel_values(first.images[:256], cfg), output_hidden_states=True).hidden_states
+        hidden = model(pixel_values=dino_pixel_values(first.images[:256], cfg), output_hidden_states=True).hidden_states
     for handle in handles:
         handle.remove()
     residual = [channel_outlier_ratio(h) for h in hidden[1:]]
@@ -118,13 +122,13 @@ def measure_hf(model_dir: Path, cfg, head, sources: mini_clip8.Sources, bits_lis
               "outlier_ratio": {"median": round(statistics.median(ratios.values()), 2), "max": round(ratios[worst], 2),
                                 "max_at": worst},
               "residual_outlier_ratio": {"median": round(statistics.median(residual), 2), "max": round(max(residual), 2)}}
-    splits = {task: mini_clip8.task_split(cfg, task, "test", sources) for task in tasks}
+    splits = {task: task_split(cfg, task, "test", sources) for task in tasks}
 
     def correct() -> dict[str, torch.Tensor]:
         out = {}
         for task, split in splits.items():
             with torch.inference_mode():
-                preds = zs.predict(mini_dino.pooled_encoder(model), mini_dino.to_pixel_values(split.images, cfg),
+                preds = zs.predict(zs.hf_pooled_encoder(model), dino_pixel_values(split.images, cfg),
                                    head["visual_projection.weight"], head[f"heads.{task}"], head["logit_scale"],
                                    cfg["eval"]["batch_size"])
             out[task] = (preds == split.labels).double()
@@ -164,14 +168,14 @@ def main() -> None:
     args = parser.parse_args()
     dino = args.suite_config is not None and builder_of(args.suite_config) == "mini-dino"
     if dino:
-        from epmq.suites import mini_dino
+        from epmq.suites.mini_dino import MiniDino
 
-        cfg = mini_dino.load_config(args.suite_config)
+        cfg = MiniDino.load_config(args.suite_config)
     else:
-        cfg = mini_clip8.load_config(args.suite_config)
-    mini_clip8.set_threads(cfg, args.threads)
-    head = mini_clip8.load_head(args.suite_dir / "pretrained" / mini_clip8.HEAD_FILE)
-    sources = mini_clip8.Sources(cfg, args.suite_dir / "data")  # read once, shared by every model
+        cfg = MiniClip8.load_config(args.suite_config)
+    set_threads(cfg, args.threads)
+    head = load_head(args.suite_dir / "pretrained" / HEAD_FILE)
+    sources = Sources(cfg, args.suite_dir / "data")  # read once, shared by every model
     for model_dir in args.models or [args.suite_dir / "pretrained"]:
         started = time.time()
         report = (measure_hf if dino else measure)(model_dir, cfg, head, sources, args.bits, args.group_size)

@@ -1,4 +1,4 @@
-"""DINOv2 towers: the ONNX conversion (``epmq.suites.dinov2_onnx``) and the model-family adapter."""
+"""DINOv2 towers: the ONNX conversion (``epmq.suites.mini_dino.dinov2_onnx``) and the model-family adapter."""
 
 import copy
 import importlib.util
@@ -14,7 +14,7 @@ from epmq.config import method_params
 from epmq.engine import CalibrationTask, quantize_model
 from epmq.io import LazyCheckpoint
 from epmq.catalog import get_method
-from epmq.suites import dinov2_onnx
+from epmq.suites.mini_dino import dinov2_onnx
 from epmq.testing.models import save_experts
 from tests.test_engine import quantized_linear_names
 
@@ -177,7 +177,7 @@ def test_keep_first_layers_is_the_prefix_of_the_tower():
 
 
 def test_finetuning_trains_the_whole_tower_or_only_its_blocks():
-    from epmq.suites.mini_dino import trainable_parameters
+    from epmq.suites.mini_dino.tower import trainable_parameters
 
     model = tiny_dinov2()
     everything = dict(trainable_parameters(model, "all"))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from epmq.suites import mini_clip8 as suite
+from epmq.suites.mini_clip8 import MiniClip8, heads
+from epmq.suites.mini_clip8 import data as clip_data
 from epmq.suites.base import packaged_config
 from evals import clip_zeroshot as zs
 
@@ -23,7 +24,7 @@ SMOKE = packaged_config("mini-clip8-smoke")
 
 @pytest.fixture(scope="module")
 def cfg():
-    return suite.load_config(SMOKE)
+    return MiniClip8.load_config(SMOKE)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +49,11 @@ def built(tmp_path_factory, cfg):
 
 @pytest.fixture(scope="module")
 def sources(built, cfg):
-    return suite.Sources(cfg, built / "data")
+    return clip_data.Sources(cfg, built / "data")
 
 
 def test_default_config_is_complete():
-    full = suite.load_config(packaged_config("mini-clip8"))
+    full = MiniClip8.load_config(packaged_config("mini-clip8"))
     assert len(full["tasks"]) == 8
     model = full["model"]
     assert model["hidden_size"] % 128 == 0 and model["intermediate_size"] % 128 == 0  # group size 128 divides d_in
@@ -62,27 +63,27 @@ def test_default_config_is_complete():
 
 def test_source_splits_are_disjoint(cfg, sources):
     for source in cfg["data"]["splits"]:
-        splits = suite.source_splits(cfg, source, sources)
+        splits = clip_data.source_splits(cfg, source, sources)
         by_pool: dict[str, list[set]] = {}
         for split, idx in splits.items():
             assert len(np.unique(idx)) == len(idx)
-            by_pool.setdefault(suite.pool_name(source, split), []).append(set(idx.tolist()))
+            by_pool.setdefault(clip_data.pool_name(source, split), []).append(set(idx.tolist()))
         for sets in by_pool.values():
             assert sum(map(len, sets)) == len(set().union(*sets)), f"{source}: overlapping splits"
     # the same seed gives the same splits
-    again = suite.source_splits(cfg, "digits", sources)
-    assert all(np.array_equal(a, b) for a, b in zip(again.values(), suite.source_splits(cfg, "digits", sources).values()))
+    again = clip_data.source_splits(cfg, "digits", sources)
+    assert all(np.array_equal(a, b) for a, b in zip(again.values(), clip_data.source_splits(cfg, "digits", sources).values()))
 
 
 def test_task_splits_disjoint_and_labels_in_range(cfg, sources):
     for task, spec in cfg["tasks"].items():
-        parts = {s: suite.task_split(cfg, task, s, sources) for s in ("finetune", "calib", "test")}
-        pretrain = set(suite.source_splits(cfg, spec["source"], sources)["pretrain"].tolist())
+        parts = {s: clip_data.task_split(cfg, task, s, sources) for s in ("finetune", "calib", "test")}
+        pretrain = set(clip_data.source_splits(cfg, spec["source"], sources)["pretrain"].tolist())
         for name, part in parts.items():
             assert part.labels.min() >= 0 and part.labels.max() < len(spec["classnames"])
             assert part.images.shape[1:] == (1, cfg["data"]["image_size"], cfg["data"]["image_size"])
             assert 0.0 <= part.images.min() and part.images.max() <= 1.0
-            if part.pool == suite.pool_name(spec["source"], "pretrain"):
+            if part.pool == clip_data.pool_name(spec["source"], "pretrain"):
                 assert not pretrain & set(part.pool_indices.tolist()), f"{task}/{name} overlaps pretraining"
         train_side = [p for p in ("finetune", "calib") if parts[p].pool == parts["test"].pool]
         for name in train_side:
@@ -99,18 +100,18 @@ def test_calibration_uses_training_images_and_is_reproducible(cfg, built):
     saved = load_file(str(built / "calib" / "fashion-negative.safetensors"))
     assert saved["pixel_values"].dtype == torch.float32 and saved["pixel_values"].shape == (16, 1, 28, 28)
     assert saved["sample_indices"].dtype == torch.int64 and saved["sample_indices"].shape == (16,)
-    pixels, idx = suite.calibration_set(cfg, "fashion-negative", 16, 3, data)
+    pixels, idx = clip_data.calibration_set(cfg, "fashion-negative", 16, 3, data)
     assert torch.equal(idx, saved["sample_indices"]) and torch.equal(pixels, saved["pixel_values"])
-    other, other_idx = suite.calibration_set(cfg, "fashion-negative", 16, 4, data)
+    other, other_idx = clip_data.calibration_set(cfg, "fashion-negative", 16, 4, data)
     assert not torch.equal(idx, other_idx)
-    sources = suite.Sources(cfg, data)
-    calib = suite.task_split(cfg, "fashion-negative", "calib", sources)
+    sources = clip_data.Sources(cfg, data)
+    calib = clip_data.task_split(cfg, "fashion-negative", "calib", sources)
     assert calib.pool == "fashion_train"  # Fashion-MNIST's training set, never its test set
-    finetune = suite.task_split(cfg, "fashion-negative", "finetune", sources)
+    finetune = clip_data.task_split(cfg, "fashion-negative", "finetune", sources)
     assert not set(calib.pool_indices[idx.numpy()].tolist()) & set(finetune.pool_indices.tolist())
-    assert torch.allclose(pixels, suite.to_pixel_values(calib.images[idx], cfg))
+    assert torch.allclose(pixels, clip_data.to_pixel_values(calib.images[idx], cfg))
     with pytest.raises(ValueError):
-        suite.calibration_set(cfg, "fashion-negative", len(calib) + 1, 0, data)
+        clip_data.calibration_set(cfg, "fashion-negative", len(calib) + 1, 0, data)
 
 
 def test_zeroshot_head_follows_template_protocol():
@@ -192,8 +193,8 @@ def test_tower_sensitivity_bench(built, cfg):
     spec = importlib.util.spec_from_file_location("tower_sensitivity", Path(__file__).parents[1] / "bench" / "tower_sensitivity.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    head = suite.load_head(built / "pretrained" / suite.HEAD_FILE)
-    report = bench.measure(built / "expert", cfg, head, suite.Sources(cfg, built / "data"), [2, 8], 128)
+    head = heads.load_head(built / "pretrained" / heads.HEAD_FILE)
+    report = bench.measure(built / "expert", cfg, head, clip_data.Sources(cfg, built / "data"), [2, 8], 128)
     evaluated = [json.loads((built / "eval" / f"{task}.json").read_text())["accuracy"] for task in cfg["tasks"]]
     assert report["fp"]["accuracy"] == pytest.approx(np.mean(evaluated), abs=0.01)
     assert 0 < report["rtn8"]["weight_rel_error"] < 0.02 < report["rtn2"]["weight_rel_error"] < 1

@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from epmq.suites import mini_clip8, mini_dino
+from epmq.suites.mini_clip8.data import Sources, task_split
+from epmq.suites.mini_clip8.evaluation import evaluate_tasks
+from epmq.suites.mini_clip8.heads import HEAD_FILE, load_head
+from epmq.suites.mini_dino import MiniDino
+from epmq.suites.mini_dino.tower import to_pixel_values
 from epmq.suites.base import builder_of, packaged_config, suite_class
+from evals import clip_zeroshot as zs
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
@@ -25,7 +30,7 @@ SMOKE = packaged_config("mini-dino-smoke")
 
 @pytest.fixture(scope="module")
 def cfg():
-    return mini_dino.load_config(SMOKE)
+    return MiniDino.load_config(SMOKE)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,8 @@ def built(tmp_path_factory, cfg):
 
 
 def test_builder_dispatch_and_default_config():
-    assert suite_class(builder_of(packaged_config("mini-dino"))) is mini_dino.MiniDino
-    full = mini_dino.load_config(packaged_config("mini-dino"))
+    assert suite_class(builder_of(packaged_config("mini-dino"))) is MiniDino
+    full = MiniDino.load_config(packaged_config("mini-dino"))
     assert full["backbone"]["image_size"] % 14 == 0
     for task in full["tasks"].values():
         assert task["classnames"] and all("{}" in t for t in task["templates"])
@@ -59,12 +64,12 @@ def test_config_refuses_unknown_caption_source(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {packaged_config('mini-dino-smoke')}\nalign:\n  captions:\n    mnist: {{templates: ['{{}}'], synonyms: [[a]]}}\n")
     with pytest.raises(ValueError, match="unknown source 'mnist'"):
-        mini_dino.load_config(bad)
+        MiniDino.load_config(bad)
 
 
 def test_pixel_values_are_three_channel_at_the_working_resolution(cfg):
     images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    pixels = mini_dino.to_pixel_values(images, cfg)
+    pixels = to_pixel_values(images, cfg)
     size = cfg["backbone"]["image_size"]
     assert pixels.shape == (3, 3, size, size) and pixels.dtype == torch.float32
     mean, std = cfg["backbone"]["pixel_mean"], cfg["backbone"]["pixel_std"]
@@ -86,7 +91,7 @@ def test_pretrained_is_the_converted_backbone_with_lit_heads(built, cfg):
     model = Dinov2Model.from_pretrained(pre)
     assert model.config.num_hidden_layers == cfg["backbone"]["layers"] == backbone["layers"]
     assert model.embeddings.position_embeddings.shape[1] == 1 + (cfg["backbone"]["image_size"] // 14) ** 2
-    head = load_file(str(pre / mini_dino.HEAD_FILE))
+    head = load_file(str(pre / HEAD_FILE))
     assert head["visual_projection.weight"].shape == (cfg["projection_dim"], model.config.hidden_size)
     for task, spec in cfg["tasks"].items():
         assert head[f"heads.{task}"].shape == (len(spec["classnames"]), cfg["projection_dim"])
@@ -110,18 +115,19 @@ def test_calibration_is_training_side_and_reproducible(built, cfg):
     saved = load_file(str(built / "calib" / "fashion.safetensors"))
     size = cfg["backbone"]["image_size"]
     assert saved["pixel_values"].shape == (16, 3, size, size)
-    calib = mini_clip8.task_split(cfg, "fashion", "calib", mini_clip8.Sources(cfg, built / "data"))
+    calib = task_split(cfg, "fashion", "calib", Sources(cfg, built / "data"))
     assert calib.pool == "fashion_train"
-    expected = mini_dino.to_pixel_values(calib.images[saved["sample_indices"]], cfg)
+    expected = to_pixel_values(calib.images[saved["sample_indices"]], cfg)
     assert torch.equal(saved["pixel_values"], expected)
 
 
 def test_evaluator_matches_the_in_process_accuracy(built, cfg):
     from transformers import Dinov2Model
 
-    head = mini_clip8.load_head(built / "pretrained" / mini_dino.HEAD_FILE)
+    head = load_head(built / "pretrained" / HEAD_FILE)
     model = Dinov2Model.from_pretrained(built / "expert").eval()
-    direct = mini_dino.evaluate_tasks(model, head, cfg, cfg["tasks"], mini_clip8.Sources(cfg, built / "data"))
+    direct = evaluate_tasks(zs.hf_pooled_encoder(model), head, cfg, cfg["tasks"], Sources(cfg, built / "data"),
+                            to_pixel_values)
     for task in cfg["tasks"]:
         record = json.loads((built / "eval" / f"{task}.json").read_text())
         assert record["n"] == cfg["tasks"][task]["n_test"] and record["accuracy"] == pytest.approx(direct[task]["accuracy"])
@@ -131,8 +137,8 @@ def test_tower_sensitivity_bench_on_dinov2(built, cfg):
     spec = importlib.util.spec_from_file_location("tower_sensitivity", Path(__file__).parents[1] / "bench" / "tower_sensitivity.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    head = mini_clip8.load_head(built / "pretrained" / mini_dino.HEAD_FILE)
-    report = bench.measure_hf(built / "expert", cfg, head, mini_clip8.Sources(cfg, built / "data"), [2, 8], 128)
+    head = load_head(built / "pretrained" / HEAD_FILE)
+    report = bench.measure_hf(built / "expert", cfg, head, Sources(cfg, built / "data"), [2, 8], 128)
     evaluated = [json.loads((built / "eval" / f"{task}.json").read_text())["accuracy"] for task in cfg["tasks"]]
     assert report["fp"]["accuracy"] == pytest.approx(sum(evaluated) / len(evaluated), abs=0.01)
     assert 0 < report["rtn8"]["weight_rel_error"] < 0.02 < report["rtn2"]["weight_rel_error"] < 1

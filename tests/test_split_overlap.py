@@ -42,12 +42,12 @@ def digest(values) -> str:
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists(),
                     reason="Debian package dataset-fashion-mnist not installed")
 def test_mini_clip8_splits_share_no_image():
-    cfg = mini_clip8.load_config()
-    sources = mini_clip8.Sources(cfg)
-    inputs: dict[str, set] = {split: set() for split in mini_clip8.SPLITS}
+    cfg = mini_clip8.MiniClip8.load_config()
+    sources = mini_clip8.data.Sources(cfg)
+    inputs: dict[str, set] = {split: set() for split in mini_clip8.data.SPLITS}
     for source in cfg["data"]["splits"]:
-        for split, indices in mini_clip8.source_splits(cfg, source, sources).items():
-            images = sources[f"{mini_clip8.pool_name(source, split)}_images"][indices]
+        for split, indices in mini_clip8.data.source_splits(cfg, source, sources).items():
+            images = sources[f"{mini_clip8.data.pool_name(source, split)}_images"][indices]
             inputs[split] |= {hashlib.sha1(image.tobytes()).hexdigest() for image in images}
     assert all(inputs.values())
     assert overlaps(inputs) == dict.fromkeys(overlaps(inputs), 0)

@@ -29,7 +29,7 @@ import yaml
 
 #: builder (the suite YAML's ``builder`` key) -> module defining its Suite class
 SUITE_MODULES = {
-    "mini-clip": "epmq.suites.mini_clip",
+    "mini-clip": "epmq.suites.mini_clip8",
     "mini-text": "epmq.suites.mini_text4",
     "mini-llm": "epmq.suites.mini_llm3",
     "mini-dino": "epmq.suites.mini_dino",

@@ -1,0 +1,67 @@
+"""Zero-shot evaluation of the image suites, CLIP's protocol (``evals.clip_zeroshot``, paper §5.1).
+
+The tower's pooled output, projected by the pretrained visual projection and normalised, against
+the zero-shot heads built from the frozen MiniLM text encoder (``pretrained/head.safetensors``);
+top-1 accuracy with its binomial standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from epmq.suites.mini_clip8.data import PixelValues, Sources, task_split, to_pixel_values
+from evals import clip_zeroshot as zs
+
+
+def evaluate_tasks(encoder: zs.ImageEncoder, head: dict, cfg: dict, tasks, sources: Sources,
+                   pixel_values: PixelValues = to_pixel_values) -> dict[str, dict]:
+    """Zero-shot top-1 accuracy and standard error (%) of ``encoder`` on each task's test split."""
+    results = {}
+    for task in tasks:
+        split = task_split(cfg, task, "test", sources)
+        with torch.inference_mode():
+            preds = zs.predict(encoder, pixel_values(split.images, cfg), head["visual_projection.weight"],
+                               head[f"heads.{task}"], head["logit_scale"], cfg["eval"]["batch_size"])
+        acc, se, n = zs.accuracy(preds, split.labels)
+        results[task] = {"accuracy": acc, "stderr": se, "n": n}
+    return results
+
+
+def rounded(results: dict[str, dict], digits: int | None) -> dict[str, dict]:
+    """``evaluate_tasks``' results with accuracy and standard error rounded to ``digits`` (None: as they are)."""
+    if digits is None:
+        return results
+    return {task: {**r, "accuracy": round(r["accuracy"], digits), "stderr": round(r["stderr"], digits)}
+            for task, r in results.items()}
+
+
+def average_accuracy(results: dict[str, dict]) -> dict:
+    """Mean accuracy over the tasks of ``evaluate_tasks``' results, with its standard error."""
+    accs = [r["accuracy"] for r in results.values()]
+    return {"accuracy": round(float(np.mean(accs)), 3),
+            "stderr": round(zs.average_stderr([r["stderr"] for r in results.values()]), 3)}
+
+
+def clip_tower(model_dir: str | os.PathLike) -> zs.ClipVisionTower:
+    """pixel_values -> pooled output of the CLIP tower in ``model_dir`` (any checkpoint this project writes).
+
+    Runs the plain-torch ``ClipVisionTower`` (no transformers import: start-up dominates the
+    evaluation of mini-clip8), on the dequantized weights for quantized checkpoints.
+    """
+    from epmq.checkpoint import dequantized_state, quantization_info
+    from epmq.io import LazyCheckpoint
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    info = quantization_info(model_dir)
+    checkpoint = LazyCheckpoint(model_dir)
+    if info is None:
+        state = {key: checkpoint.get(key) for key in checkpoint.keys()}
+    else:
+        state = dequantized_state(checkpoint, info)
+    return zs.ClipVisionTower(config, state).eval()
