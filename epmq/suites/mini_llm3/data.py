@@ -91,7 +91,8 @@ def generate_items(cfg: dict, task: str, total: int) -> list[dict]:
 def email_items(cfg: dict, task: str, tokenizer) -> dict[str, list[dict]]:
     """The spam task's splits from mini-text4's cleaned corpus and disjoint pools; each prompt
     holds the start of the body, at most ``max_email_tokens`` tokens of it."""
-    from epmq.suites import mini_text4
+    from epmq.suites.mini_text4.corpus import clean_corpus
+    from epmq.suites.mini_text4.data import pool_assignment, task_split
 
     spec = cfg["tasks"][task]
     corpus = cfg["data"]["spam_corpus"]
@@ -107,12 +108,12 @@ def email_items(cfg: dict, task: str, tokenizer) -> dict[str, list[dict]]:
 
     # duplicates are judged on the prompt's tokens, what the model reads: e-mails that differ only
     # past the excerpt are one e-mail here, so no prompt is in two splits
-    emails, _ = mini_text4.clean_corpus(text_cfg, lambda text: tokenizer(prompt(text), add_special_tokens=False)["input_ids"])
-    pools = mini_text4.pool_assignment(text_cfg, emails)
+    emails, _ = clean_corpus(text_cfg, lambda text: tokenizer(prompt(text), add_special_tokens=False)["input_ids"])
+    pools = pool_assignment(text_cfg, emails)
     choices = list(spec["classes"])
     out = {}
     for split in SPLITS:
-        part = mini_text4.task_split(text_cfg, task, split, emails, pools)
+        part = task_split(text_cfg, task, split, emails, pools)
         out[split] = [{"prompt": prompt(text), "answer": choices[label], "label": label, "key": key}
                       for text, label, key in zip(part.texts, part.labels.tolist(), part.keys)]
     return out
