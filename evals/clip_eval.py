@@ -2,7 +2,7 @@
 
 Only the vision tower is merged and quantized; the text tower, both projections and the logit
 scale stay pretrained. They come from the ``zeroshot/`` folder written by
-``epmq.hub.split_clip`` (or any full ``CLIPModel`` folder):
+``epmq.hub.layout.split_clip`` (or any full ``CLIPModel`` folder):
 
 - heads (:func:`build_heads`): for each task, every class name in every prompt template of
   ``evals.clip_tasks`` through the pretrained text tower and text projection, each embedding
@@ -236,7 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", required=True)
     parser.add_argument("--out-dir", default=None, help="one <task>.json per task (required with --model)")
     parser.add_argument("--heads", default=None, help="heads.safetensors (built from --zeroshot if absent)")
-    parser.add_argument("--zeroshot", default=None, help="zeroshot/ folder of epmq.hub split_clip (or a CLIPModel folder)")
+    parser.add_argument("--zeroshot", default=None, help="zeroshot/ folder of epmq.hub.layout.split_clip (or a CLIPModel folder)")
     parser.add_argument("--processor", default=None, help="folder with preprocessor_config.json (default: --zeroshot)")
     parser.add_argument("--data", nargs="*", default=[], metavar="TASK=PATH", help="local dataset folders")
     parser.add_argument("--batch-size", type=int, default=128)

@@ -8,10 +8,9 @@ given (for machines without hub access; see :func:`evals.local_data.load_local`)
   to each dataset's own split names.
 - :func:`evals.glue.load_glue_task`: the 8 GLUE tasks; ``"validation"`` means mnli's ``validation_matched``.
 
-Calibration files (the format of ``python -m epmq quantize --calib``): one safetensors file per
-task holding the model's keyword inputs with the samples on axis 0, plus ``sample_indices``
-(int64: which examples of the split were drawn). Next to ``<task>.safetensors`` goes
-``<task>.json`` with the dataset, split, seed, the indices and provenance.
+Calibration inputs (what ``python -m epmq quantize --calib`` reads, one file per task, written by
+the hub suites with ``epmq.suites.common.save_calibration``): the model's keyword inputs with the
+samples on axis 0, plus ``sample_indices`` (int64: which examples of the training split were drawn).
 
 - CLIP: ``pixel_values`` from the CLIP image processor (transformers' PIL backend; no torchvision).
 - T5: ``input_ids``/``attention_mask`` of the GLUE prompt, ``labels`` (the target text, padding set
@@ -103,28 +102,14 @@ def calibration_indices(n_total: int, samples: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_total)[:samples]).astype(np.int64)
 
 
-def save_calibration(out_file: str | os.PathLike, tensors: Mapping[str, torch.Tensor], indices: np.ndarray,
-                     meta: Mapping) -> Path:
-    """Write ``out_file`` (safetensors: inputs + ``sample_indices``) and its ``.json`` record, atomically."""
-    from safetensors.torch import save_file
-
-    from epmq.io import atomic_write_json, provenance
-
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+def sampled_inputs(tensors: Mapping[str, torch.Tensor], indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """The model inputs (contiguous) and ``sample_indices`` (int64), checked to agree on the number of samples."""
     payload = {key: value.contiguous() for key, value in tensors.items()}
     payload["sample_indices"] = torch.from_numpy(np.asarray(indices, dtype=np.int64))
     sizes = {key: value.shape[0] for key, value in payload.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"calibration inputs disagree on the number of samples: {sizes}")
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    save_file(payload, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_file)
-    shapes = {key: list(value.shape) for key, value in payload.items()}
-    atomic_write_json(out_file.with_suffix(".json"), {**meta, "shapes": shapes,
-                                                     "sample_indices": [int(i) for i in indices],
-                                                     "provenance": provenance()})
-    return out_file
+    return payload
 
 
 def clip_image_processor(source: str | os.PathLike | int = 224):
@@ -153,9 +138,11 @@ def pixel_values(processor, images: Sequence) -> torch.Tensor:
     return processor(images=rgb, return_tensors="pt")["pixel_values"].float()
 
 
-def write_clip_calibration(task: str, out_file: str | os.PathLike, processor, *, samples: int = 256, seed: int = 0,
-                           local_path: str | os.PathLike | None = None, dataset=None, batch_size: int = 64) -> Path:
-    """Draw ``samples`` training images of ``task`` and write their ``pixel_values``."""
+def clip_calibration(task: str, processor, *, samples: int, seed: int, local_path: str | os.PathLike | None = None,
+                     dataset=None, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Draw ``samples`` training images of ``task``: their ``pixel_values`` and ``sample_indices``.
+
+    ``batch_size`` images are preprocessed at a time (each independently: it only bounds memory)."""
     if dataset is None:
         dataset = load_clip_task(task, "train", local_path)
     if isinstance(processor, (str, os.PathLike, int)):
@@ -165,12 +152,7 @@ def write_clip_calibration(task: str, out_file: str | os.PathLike, processor, *,
     for start in range(0, len(indices), batch_size):
         rows = dataset[[int(i) for i in indices[start : start + batch_size]]]
         chunks.append(pixel_values(processor, rows["image"]))
-    from evals.clip_tasks import get_task
-
-    spec = get_task(task)
-    meta = {"task": task, "kind": "clip", "dataset": str(local_path or spec.dataset), "split": spec.train_split,
-            "n_total": len(dataset), "samples": len(indices), "seed": seed}
-    return save_calibration(out_file, {"pixel_values": torch.cat(chunks)}, indices, meta)
+    return sampled_inputs({"pixel_values": torch.cat(chunks)}, indices)
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -178,10 +160,9 @@ def _pad(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
 
 
-def write_glue_calibration(task: str, out_file: str | os.PathLike, tokenizer, *, samples: int = 256, seed: int = 0,
-                           split: str = "train", local_path: str | os.PathLike | None = None, dataset=None,
-                           max_length: int = 512) -> Path:
-    """Draw ``samples`` examples of a GLUE task and write prompts and teacher-forced targets.
+def glue_calibration(task: str, tokenizer, *, samples: int, seed: int, max_length: int, split: str = "train",
+                     local_path: str | os.PathLike | None = None, dataset=None) -> dict[str, torch.Tensor]:
+    """Draw ``samples`` examples of a GLUE task: prompts, teacher-forced targets and ``sample_indices``.
 
     Sequences are padded to the longest drawn one (inputs with the pad token and mask 0, labels
     with -100); padding is excluded from every statistic by the masks.
@@ -200,9 +181,7 @@ def write_glue_calibration(task: str, out_file: str | os.PathLike, tokenizer, *,
         "labels": labels,
         "decoder_attention_mask": (labels != -100).long(),
     }
-    meta = {"task": task, "kind": "glue", "dataset": str(local_path or "nyu-mll/glue"), "split": split,
-            "n_total": len(dataset), "samples": len(indices), "seed": seed, "max_length": max_length}
-    return save_calibration(out_file, tensors, indices, meta)
+    return sampled_inputs(tensors, indices)
 
 
 def alpaca_text(example: Mapping, instruction: str, input: str | None, output: str) -> str:
@@ -227,10 +206,9 @@ def llm_calibration_texts(task: str, split: str = "train", local_path: str | os.
     return dataset, lambda example: alpaca_text(example, spec["instruction"], spec["input"], spec["output"])
 
 
-def write_text_calibration(texts, out_file: str | os.PathLike, tokenizer, *, samples: int = 256, seed: int = 0,
-                           max_length: int = 512, to_text: Callable[[Mapping], str] | None = None,
-                           source: str = "", task: str = "") -> Path:
-    """Draw ``samples`` texts (a list of strings, or a dataset with ``to_text``) and write token ids.
+def text_calibration(texts, tokenizer, *, samples: int, seed: int, max_length: int,
+                     to_text: Callable[[Mapping], str] | None = None) -> dict[str, torch.Tensor]:
+    """Draw ``samples`` texts (a list of strings, or a dataset with ``to_text``): token ids and ``sample_indices``.
 
     Each sample is truncated to ``max_length`` tokens and right-padded to the longest drawn one.
     """
@@ -241,6 +219,4 @@ def write_text_calibration(texts, out_file: str | os.PathLike, tokenizer, *, sam
     encoded = tokenizer(chosen, truncation=True, max_length=max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     tensors = {"input_ids": _pad(encoded["input_ids"], pad), "attention_mask": _pad(encoded["attention_mask"], 0)}
-    meta = {"task": task, "kind": "text", "dataset": source, "n_total": len(texts), "samples": len(indices),
-            "seed": seed, "max_length": max_length}
-    return save_calibration(out_file, tensors, indices, meta)
+    return sampled_inputs(tensors, indices)

@@ -27,18 +27,17 @@ online ``load_dataset`` prepared under ``$HF_HOME/datasets`` (its ``CachedDatase
 So each dataset is also prepared there, by the same parquet builder, repository id and commit an
 online load on the login node uses; what is not exercised is only the download itself.
 
-Which facts about the real repositories are verified and which inferred: README, "Dress rehearsal".
+The cache layout itself is written by ``epmq.testing.hub_cache``. Which facts about the real
+repositories are verified and which inferred: README, "Dress rehearsal".
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: import the project and its tiny paper models
     sys.path.insert(0, str(ROOT))
 
-from epmq.hub import read_experts_table  # noqa: E402
+from epmq.hub.experts_table import read_experts_table  # noqa: E402
+from epmq.testing.hub_cache import folder_files, write_dataset, write_repo  # noqa: E402
 from epmq.testing.paper_models import (  # noqa: E402
     clip_tokenizer,
     llama_tokenizer,
@@ -65,42 +65,6 @@ LLAMA_SHARDS = {"meta-llama/Llama-3.2-3B-Instruct": 2, "meta-llama/Llama-3.1-8B-
 MERGEBENCH_SHARDS = 2
 LLAMA_CONTEXT = 2048
 CLIP_IMAGE = {"openai/clip-vit-base-patch32": (32, 8), "openai/clip-vit-large-patch14": (28, 4)}  # (size, patch)
-
-
-# ---------------------------------------------------------------------------- the cache format --
-def _git_blob_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def write_repo(hf_home: Path, repo_type: str, repo_id: str, files: Mapping[str, bytes]) -> Path:
-    """One repository in the hub cache: blobs named as the hub names them, a snapshot of symlinks, refs/main.
-
-    LFS files (weights, parquet) are stored under their SHA-256, small files under their git blob
-    SHA-1, as ``huggingface_hub`` does. The commit id is derived from the content (deterministic).
-    """
-    folder = hf_home / "hub" / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    lfs = (".safetensors", ".bin", ".parquet", ".pth", ".model", ".msgpack", ".h5")
-    digests = {name: (hashlib.sha256(data).hexdigest() if name.endswith(lfs) else _git_blob_sha1(data))
-               for name, data in files.items()}
-    commit = hashlib.sha1(json.dumps(sorted(digests.items())).encode()).hexdigest()
-    (folder / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot = folder / "snapshots" / commit
-    for name, data in files.items():
-        blob = folder / "blobs" / digests[name]
-        if not blob.exists():
-            blob.write_bytes(data)
-        link = snapshot / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(commit)
-    return snapshot
-
-
-def _folder_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _save_model(model, folder: Path, *, dtype: torch.dtype | None = None, shards: int = 1) -> None:
@@ -158,7 +122,7 @@ def clip_repos(hf_home: Path, entries, tmp: Path) -> None:
         torch.save(state, folder / "pytorch_model.bin")
         if repo not in BIN_ONLY:
             save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        write_repo(hf_home, "model", repo, _folder_files(folder))
+        write_repo(hf_home, "model", repo, folder_files(folder))
         experts = sorted({e.source for e in entries if e.role == "expert" and e.source.startswith(
             f"tanganke/{repo.split('/')[1]}_")})
         for index, expert_repo in enumerate(experts):
@@ -171,7 +135,7 @@ def clip_repos(hf_home: Path, entries, tmp: Path) -> None:
             weights = load_file(str(expert_dir / "model.safetensors"))
             prefixed = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in weights.items()}
             save_file(prefixed, str(expert_dir / "model.safetensors"), metadata={"format": "pt"})
-            write_repo(hf_home, "model", expert_repo, _folder_files(expert_dir))
+            write_repo(hf_home, "model", expert_repo, folder_files(expert_dir))
 
 
 def t5_repos(hf_home: Path, entries, tmp: Path) -> None:
@@ -188,7 +152,7 @@ def t5_repos(hf_home: Path, entries, tmp: Path) -> None:
         source.save_pretrained(folder)
         if entry.role == "pretrained":
             tokenizer.save_pretrained(folder)
-        write_repo(hf_home, "model", entry.source, _folder_files(folder))
+        write_repo(hf_home, "model", entry.source, folder_files(folder))
 
 
 def llama_repos(hf_home: Path, entries, tmp: Path) -> None:
@@ -211,55 +175,10 @@ def llama_repos(hf_home: Path, entries, tmp: Path) -> None:
             expert = perturbed(base.to(torch.float32), seed=len(list(tmp.rglob("config.json"))))
             _save_model(expert, folder, dtype=torch.float32, shards=MERGEBENCH_SHARDS)
         tokenizer.save_pretrained(folder)
-        write_repo(hf_home, "model", entry.source, _folder_files(folder))
+        write_repo(hf_home, "model", entry.source, folder_files(folder))
 
 
 # ----------------------------------------------------------------------------------- datasets --
-def _parquet(table_rows: Mapping[str, list], features) -> bytes:
-    import datasets
-
-    buffer = io.BytesIO()
-    datasets.Dataset.from_dict(dict(table_rows), features=features).to_parquet(buffer)
-    return buffer.getvalue()
-
-
-def write_dataset(hf_home: Path, repo_id: str, configs: Mapping[str, Mapping[str, tuple[dict, object]]]) -> None:
-    """A dataset repository (parquet per config and split, dataset card) and its prepared cache.
-
-    ``configs``: config name -> split -> (columns, features). The card's ``configs:`` section names
-    the data files of each config as the hub's parquet repositories do.
-    """
-    import datasets
-    import yaml
-    from datasets.data_files import DataFilesDict, DataFilesList
-    from datasets.packaged_modules.parquet.parquet import Parquet
-
-    files, card = {}, []
-    for config, splits in configs.items():
-        data_files = []
-        for split, (columns, features) in splits.items():
-            path = f"{config}/{split}-00000-of-00001.parquet"
-            files[path] = _parquet(columns, features)
-            data_files.append({"split": split, "path": path})
-        card.append({"config_name": config, "data_files": data_files})
-    files["README.md"] = ("---\n" + yaml.safe_dump({"configs": card}, sort_keys=False) + "---\n").encode()
-    snapshot = write_repo(hf_home, "dataset", repo_id, files)
-    for config, splits in configs.items():
-        features = next(iter(splits.values()))[1]
-        builder = Parquet(
-            cache_dir=str(hf_home / "datasets"), dataset_name=repo_id.split("/")[-1],
-            config_name=config, config_id=config, hash=snapshot.name, features=features,
-            data_files=DataFilesDict({split: DataFilesList(
-                [str(snapshot / config / f"{split}-00000-of-00001.parquet")], [None]) for split in splits}),
-        )
-        # an online load passes repo_id (its data files are hf:// URLs, which need the hub to resolve):
-        # set it afterwards, so the prepared data lands where an offline load looks (<org>___<name>/)
-        builder.repo_id = repo_id
-        builder._cache_dir_root = str(hf_home / "datasets")
-        builder._cache_dir = builder._build_cache_dir()
-        builder.download_and_prepare(download_config=datasets.DownloadConfig(local_files_only=True))
-
-
 def clip_datasets(hf_home: Path, tasks: Iterable[str], train: int, test: int) -> None:
     import datasets
     from PIL import Image
@@ -384,35 +303,30 @@ def llm_datasets(hf_home: Path, calibration_tasks: Iterable[str], train: int, te
 
 
 # ------------------------------------------------------------------------------------------ CLI --
+#: per suite builder: the writers of its model repositories and of its datasets
+FAMILIES = {"hub-clip": (clip_repos, clip_datasets), "hub-t5": (t5_repos, glue_dataset),
+            "hub-llama": (llama_repos, llm_datasets)}
+
+
 def make_fixtures(hf_home: str | os.PathLike, table: str | os.PathLike = ROOT / "config" / "experts.tsv",
                   suites: Iterable[str] | None = None, train: int = 16, test: int = 8) -> Path:
     """Write every fixture of ``suites`` (default: all of ``table``) into ``hf_home``; return it."""
     import tempfile
 
-    from epmq.suites.hub import load_config
-    from epmq.suites.base import packaged_config
+    from epmq.suites.base import load_suite, packaged_config
 
     hf_home = Path(hf_home)
     entries = read_experts_table(table)
     names = sorted({e.suite for e in entries}) if suites is None else list(suites)
     entries = [e for e in entries if e.suite in names]
-    configs = {name: load_config(packaged_config(name)) for name in names}
+    configs = {name: load_suite(packaged_config(name)).cfg for name in names}
     with tempfile.TemporaryDirectory(dir=hf_home.parent if hf_home.parent.exists() else None) as tmp:
         tmp = Path(tmp)
-        builders = {name: cfg["builder"] for name, cfg in configs.items()}
-        by_builder = {b: [e for e in entries if builders[e.suite] == b] for b in set(builders.values())}
-        if "hub-clip" in by_builder:
-            clip_repos(hf_home, by_builder["hub-clip"], tmp)
-            tasks = sorted({t for n, c in configs.items() if c["builder"] == "hub-clip" for t in c["tasks"]})
-            clip_datasets(hf_home, tasks, train, test)
-        if "hub-t5" in by_builder:
-            t5_repos(hf_home, by_builder["hub-t5"], tmp)
-            tasks = sorted({t for n, c in configs.items() if c["builder"] == "hub-t5" for t in c["tasks"]})
-            glue_dataset(hf_home, tasks, train, test)
-        if "hub-llama" in by_builder:
-            llama_repos(hf_home, by_builder["hub-llama"], tmp)
-            tasks = sorted({t for n, c in configs.items() if c["builder"] == "hub-llama" for t in c["tasks"]})
-            llm_datasets(hf_home, tasks, train, test)
+        for builder, (repos, datasets) in FAMILIES.items():
+            family = [name for name, cfg in configs.items() if cfg["builder"] == builder]
+            if family:
+                repos(hf_home, [e for e in entries if e.suite in family], tmp)
+                datasets(hf_home, sorted({task for name in family for task in configs[name]["tasks"]}), train, test)
     return hf_home
 
 

@@ -242,7 +242,7 @@ def test_out_where_the_user_may_not_write_is_refused(w, capsys, monkeypatch):
 
 @pytest.mark.parametrize("command", ["fetch", "align"])
 def test_hub_commands_check_their_out(w, capsys, command, monkeypatch):
-    from epmq.hub import main as hub_main
+    from epmq.hub.cli import main as hub_main
 
     monkeypatch.chdir(w.parent)
     before = tree_hashes(w / "base", w / "e0")
@@ -363,12 +363,13 @@ def test_suite_config_path_cannot_inject_shell(tmp_path):
 @pytest.mark.slow
 def test_task_names_cannot_inject_shell(tmp_path):
     suite_yaml = tmp_path / "hub-evil.yaml"
-    suite_yaml.write_text(textwrap.dedent("""
+    suite_yaml.write_text(textwrap.dedent(f"""
+        base: {ROOT / "epmq/suites/paper/llama-3b.yaml"}
         suite: hub-evil
         builder: hub-llama
         experts_table: experts.tsv
         tasks: [math]
-        eval_tasks: ["gsm8k$(touch${IFS}PWNED)"]
+        eval_tasks: ["gsm8k$(touch${{IFS}}PWNED)"]
     """))
     config = _workflow_config(tmp_path / "config.json",
                               {"hub-evil": {"builder": "hub-llama", "suite_config": str(suite_yaml)}})
@@ -449,7 +450,7 @@ def test_missing_local_model_is_not_taken_for_a_hub_id(w, capsys):
 
 
 def test_hub_cache_names_cannot_collide_or_escape(tmp_path):
-    from epmq.hub import HubFetchError, resource_name
+    from epmq.hub.store import HubFetchError, resource_name
 
     (tmp_path / "a" / "model").mkdir(parents=True)
     (tmp_path / "b" / "model").mkdir(parents=True)

@@ -13,18 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from epmq.hub import (
-    EXPERTS_TABLE,
-    FETCH_RECORD,
-    HubFetchError,
-    align_checkpoint,
-    fetch,
-    is_local_source,
-    read_experts_table,
-    resource_name,
-    split_clip,
-    vision_key_prefix,
-)
+from epmq.hub.experts_table import EXPERTS_TABLE, read_experts_table
+from epmq.hub.layout import align_checkpoint, split_clip, vision_key_prefix
+from epmq.hub.store import FETCH_RECORD, HubFetchError, fetch, is_local_source, resource_name
 from epmq.merge.registry import MergeError
 from epmq.merge.streaming import merge_checkpoints
 from evals.clip_tasks import TALL20, TASKS

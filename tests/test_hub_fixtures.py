@@ -21,7 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from epmq.hub import FETCH_RECORD, HubFetchError, fetch, fetch_to_store, read_experts_table
+from epmq.hub.experts_table import read_experts_table
+from epmq.hub.store import FETCH_RECORD, HubFetchError, fetch, fetch_to_store
+from epmq.suites.base import packaged_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +65,9 @@ def clip_hub(tmp_path_factory):
 def _clip_suite(root: Path, name: str, pretrained: str, task: str, expert: str) -> Path:
     table = _table(root / f"{name}.tsv", name, pretrained, {task: expert})
     config = root / f"{name}.yaml"
-    config.write_text(json.dumps({"suite": name, "builder": "hub-clip", "experts_table": str(table),
-                                  "models_dir": str(root / "store"), "tasks": [task], "eval": {"device": "cpu"}}))
+    config.write_text(json.dumps({"base": str(packaged_config("clip.base")), "suite": name, "builder": "hub-clip",
+                                  "experts_table": str(table), "models_dir": str(root / "store"), "tasks": [task],
+                                  "eval": {"device": "cpu"}}))
     return config
 
 
@@ -125,7 +128,7 @@ def test_bin_with_more_than_tensors_is_refused(tmp_path):
 
 def test_store_is_shared_linked_and_locked(tmp_path):
     """Issue 13 item 5: one store folder per model, suites get hard links, parallel fetches wait for one another."""
-    from epmq.suites.hub import finetune
+    from epmq.suites.hub.llama import HubLlamaSuite
 
     fixtures = _fixtures_module()
     from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
@@ -140,8 +143,8 @@ def test_store_is_shared_linked_and_locked(tmp_path):
         cfg = {"suite": suite, "builder": "hub-llama", "experts_table": str(table), "tasks": {"math": {}},
                "models_dir": str(tmp_path / "store")}
         outs.append(tmp_path / suite / "experts" / "math")
-        finetune(cfg, base, "math", outs[-1])
-    from epmq.hub import resource_name
+        HubLlamaSuite(cfg).build_expert(base, "math", outs[-1])
+    from epmq.hub.store import resource_name
 
     name = resource_name(str(expert))
     assert [p.name for p in (tmp_path / "store").iterdir() if not p.name.startswith(".")] == [name]
@@ -150,7 +153,7 @@ def test_store_is_shared_linked_and_locked(tmp_path):
     assert len(inodes) == 1  # links, not copies
     assert json.loads((outs[0] / FETCH_RECORD).read_text())["store"] == str((tmp_path / "store" / name).resolve())
     # two processes fetch the same model at once: both succeed, the second reuses the first's folder
-    script = ("import sys; from epmq.hub import fetch_to_store; "
+    script = ("import sys; from epmq.hub.store import fetch_to_store; "
               f"print(fetch_to_store({str(expert)!r}, 'main', {str(tmp_path / 'store2')!r}))")
     procs = [subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -212,15 +215,16 @@ def test_prefetch_sets_code_eval_only_where_allowed(monkeypatch, allow_code):
     """Item 3: lm-eval's code tasks load code_eval at import: HF_ALLOW_CODE_EVAL=1 during the prefetch iff allow_code."""
     import lm_eval.tasks
 
-    from epmq.suites import hub as hub_suite
+    from epmq.suites.hub.llama import HubLlamaSuite
 
     seen = {}
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **kwargs: None)
     monkeypatch.setattr(lm_eval.tasks, "get_task_dict",
                         lambda names, manager: seen.update(names=names, env=os.environ.get("HF_ALLOW_CODE_EVAL")))
-    cfg = {"tasks": {"math": {}}, "eval_tasks": ["humaneval", "gsm8k"], "eval": {"allow_code": allow_code}}
-    hub_suite._prefetch_lm_eval(cfg)
+    cfg = {"tasks": {"math": {}}, "eval_tasks": ["humaneval", "gsm8k"],
+           "eval": {"allow_code": allow_code, "chat": False, "include_path": None}}
+    HubLlamaSuite(cfg).prefetch_evaluation()
     assert seen["names"] == ["humaneval", "gsm8k"]
     assert seen["env"] == ("1" if allow_code else None)
     assert "HF_ALLOW_CODE_EVAL" not in os.environ

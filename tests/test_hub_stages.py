@@ -4,17 +4,20 @@ an experts table, local datasets, then merge, quantize (E-PMQ) and evaluate."""
 import json
 
 from epmq.cli import main
+from epmq.suites.base import packaged_config
 from tests.test_paper_glue import TASK_NAMES as GLUE_TASKS
 from tests.test_paper_glue import glue_suite  # noqa: F401  (fixture)
 from tests.test_paper_lm_eval import QUESTIONS, llm_suite  # noqa: F401  (fixture)
 
 
-def write_suite(root, name, builder, pretrained, experts, tasks, datasets, **extra):
+def write_suite(root, name, builder, base, pretrained, experts, tasks, datasets, **extra):
+    """A suite YAML over the packaged paper suite ``base`` (its settings, ours on top)."""
     table = root / "experts.tsv"
     rows = [f"{name}\tpretrained\t-\t{pretrained}\tmain\t"] + [f"{name}\texpert\t{t}\t{p}\tmain\t" for t, p in experts.items()]
     table.write_text("suite\trole\ttask\tsource\trevision\tnote\n" + "\n".join(rows) + "\n")
     config = root / f"{name}.yaml"
-    config.write_text(json.dumps({"suite": name, "builder": builder, "experts_table": str(table), "tasks": tasks,
+    config.write_text(json.dumps({"base": str(packaged_config(base)), "suite": name, "builder": builder,
+                                  "experts_table": str(table), "tasks": tasks,
                                   "models_dir": str(root / "models"),
                                   "datasets": {t: str(p) for t, p in datasets.items()}, **extra}))
     return config
@@ -43,7 +46,7 @@ def build_and_evaluate(root, config, tasks, eval_tasks, samples=8):
 
 def test_hub_t5_suite(glue_suite, tmp_path):  # noqa: F811
     experts = dict(zip(GLUE_TASKS, glue_suite["experts"]))
-    config = write_suite(tmp_path, "tiny-glue", "hub-t5", glue_suite["hub"], experts, list(GLUE_TASKS), glue_suite["data"],
+    config = write_suite(tmp_path, "tiny-glue", "hub-t5", "flan-t5-glue8", glue_suite["hub"], experts, list(GLUE_TASKS), glue_suite["data"],
                          eval={"batch_size": 8, "device": "cpu"}, calib={"max_length": 64})
     results = build_and_evaluate(tmp_path, config, list(GLUE_TASKS), list(GLUE_TASKS))
     assert results["rte"]["metric"] == "exact_match" and results["stsb"]["metric"] == "spearman"
@@ -60,8 +63,9 @@ def test_hub_llama_suite(llm_suite, tmp_path):  # noqa: F811
         data[task] = tmp_path / "data" / task
         datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(data[task]))
     experts = dict(zip(("math", "coding"), llm_suite["experts"]))
-    config = write_suite(tmp_path, "tiny-llama", "hub-llama", llm_suite["hub"], experts, ["math", "coding"], data,
-                         eval_tasks=["tiny_mc"], eval={"batch_size": 4, "device": "cpu", "include_path": str(llm_suite["tasks"])},
+    config = write_suite(tmp_path, "tiny-llama", "hub-llama", "llama-3b", llm_suite["hub"], experts, ["math", "coding"], data,
+                         eval_tasks=["tiny_mc"],
+                         eval={"batch_size": 4, "device": "cpu", "allow_code": False, "include_path": str(llm_suite["tasks"])},
                          calib={"max_length": 24})
     results = build_and_evaluate(tmp_path, config, ["math", "coding"], ["tiny_mc"])
     assert results["tiny_mc"]["lm_eval_task"] == "tiny_mc" and 0 <= results["tiny_mc"]["accuracy"] <= 100

@@ -14,6 +14,7 @@ from epmq.checkpoint import dequantized_state, quantization_info
 from epmq.cli import main
 from epmq.convert import open_clip_checkpoint_to_hf, read_state_dict
 from epmq.io import LazyCheckpoint
+from epmq.suites.base import packaged_config
 
 WIDTH, LAYERS, PATCH, GRID, MLP, EMBED = 128, 2, 4, 4, 256, 16  # 128 wide: 2 heads of open_clip's width 64
 
@@ -152,8 +153,8 @@ def test_experts_table_lists_open_clip_experts(tmp_path, open_clip_models, capsy
                      f"oc\texpert\teurosat\t{experts[0]}\tmain\topen_clip state dict\n"
                      f"oc\texpert\tmnist\t{folder}\tmain\topen_clip safetensors\n")
     config = tmp_path / "oc.yaml"
-    config.write_text(json.dumps({"suite": "oc", "builder": "hub-clip", "experts_table": str(table),
-                                  "tasks": ["eurosat", "mnist"]}))
+    config.write_text(json.dumps({"base": str(packaged_config("clip.base")), "suite": "oc", "builder": "hub-clip",
+                                  "experts_table": str(table), "tasks": ["eurosat", "mnist"]}))
     suite_pretrained = hf_tower_without_projection(pretrained, tmp_path / "pretrained")
     for task in ("eurosat", "mnist"):
         out = tmp_path / "experts" / task

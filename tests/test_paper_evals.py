@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from epmq.cli import main as epmq_main
-from epmq.hub import fetch, split_clip
+from epmq.hub.layout import split_clip
+from epmq.hub.store import fetch
 from evals import clip_eval
 from evals.clip_tasks import TASKS, get_task
+from epmq.suites.common import save_calibration
 from evals.datasets import (
     calibration_indices,
+    clip_calibration,
     clip_image_processor,
     load_clip_task,
-    write_clip_calibration,
 )
 from epmq.testing.paper_models import (
     clip_tokenizer,
@@ -97,6 +99,7 @@ def test_calibration_indices_seeded():
 
 @pytest.mark.slow
 def test_clip_pipeline_end_to_end(clip_suite, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     root = tmp_path
@@ -111,12 +114,14 @@ def test_clip_pipeline_end_to_end(clip_suite, tmp_path):
 
     calib = []
     for task in TASK_NAMES:
-        file = write_clip_calibration(task, root / "calib" / f"{task}.safetensors", zeroshot, samples=8, seed=0,
-                                      local_path=clip_suite["data"][task])
+        file = root / "calib" / f"{task}.safetensors"
+        save_calibration(clip_calibration(task, zeroshot, samples=8, seed=0, local_path=clip_suite["data"][task]),
+                         file, {"suite": "tiny-clip"}, task, samples=8, seed=0)
         tensors = load_file(str(file))
         assert tensors["pixel_values"].shape == (8, 3, 32, 32)
         assert tensors["sample_indices"].tolist() == calibration_indices(24, 8, 0).tolist()
-        assert json.loads(file.with_suffix(".json").read_text())["seed"] == 0
+        with safe_open(str(file), framework="pt") as handle:
+            assert handle.metadata()["seed"] == "0" and handle.metadata()["task"] == task
         calib.append(file)
 
     heads_file = root / "heads.safetensors"

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from epmq.cli import main as epmq_main
-from epmq.hub import fetch
+from epmq.hub.store import fetch
 from evals import glue
-from evals.datasets import calibration_indices, load_glue_task, write_glue_calibration
+from epmq.suites.common import save_calibration
+from evals.datasets import calibration_indices, glue_calibration, load_glue_task
 from epmq.testing.paper_models import perturbed, t5_tokenizer, tiny_t5_model
 
 TASK_NAMES = ("rte", "stsb")
@@ -120,8 +121,10 @@ def test_glue_pipeline_end_to_end(glue_suite, tmp_path):
     tokenizer = glue_suite["tokenizer"]
     calib = []
     for task in TASK_NAMES:
-        file = write_glue_calibration(task, root / "calib" / f"{task}.safetensors", tokenizer, samples=8, seed=3,
-                                      local_path=glue_suite["data"][task])
+        file = root / "calib" / f"{task}.safetensors"
+        save_calibration(glue_calibration(task, tokenizer, samples=8, seed=3, max_length=512,
+                                          local_path=glue_suite["data"][task]),
+                         file, {"suite": "tiny-glue"}, task, samples=8, seed=3)
         tensors = load_file(str(file))
         assert tensors["sample_indices"].tolist() == calibration_indices(24, 8, 3).tolist()
         assert set(tensors) == {"input_ids", "attention_mask", "labels", "decoder_attention_mask", "sample_indices"}

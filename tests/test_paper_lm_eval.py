@@ -12,9 +12,10 @@ import json
 import pytest
 
 from epmq.cli import main as epmq_main
-from epmq.hub import fetch
+from epmq.hub.store import fetch
 from evals import lm_eval_runner
-from evals.datasets import alpaca_text, write_text_calibration
+from epmq.suites.common import save_calibration
+from evals.datasets import alpaca_text, text_calibration
 from epmq.testing.paper_models import llama_tokenizer, perturbed, tiny_llama_model
 
 METHODS = ("rtn", "gptq", "awq", "epmq")
@@ -115,8 +116,9 @@ def test_lm_eval_pipeline_end_to_end(llm_suite, tmp_path):
     tokenizer = llm_suite["tokenizer"]
     calib = []
     for index, task in enumerate(("math", "coding")):
-        file = write_text_calibration(llm_suite["corpus"], root / "calib" / f"{task}.safetensors", tokenizer,
-                                      samples=8, seed=index, max_length=24, task=task)
+        file = root / "calib" / f"{task}.safetensors"
+        save_calibration(text_calibration(llm_suite["corpus"], tokenizer, samples=8, seed=index, max_length=24),
+                         file, {"suite": "tiny-llama"}, task, samples=8, seed=index)
         tensors = load_file(str(file))
         assert tensors["input_ids"].shape[0] == 8 and tensors["input_ids"].shape[1] <= 24
         assert tensors["input_ids"][:, 0].eq(tokenizer.bos_token_id).all()

@@ -33,9 +33,9 @@ SUITE_MODULES = {
     "mini-text": "epmq.suites.mini_text4",
     "mini-llm": "epmq.suites.mini_llm3",
     "mini-dino": "epmq.suites.mini_dino",
-    "hub-clip": "epmq.suites.hub",
-    "hub-t5": "epmq.suites.hub",
-    "hub-llama": "epmq.suites.hub",
+    "hub-clip": "epmq.suites.hub.clip",
+    "hub-t5": "epmq.suites.hub.t5",
+    "hub-llama": "epmq.suites.hub.llama",
 }
 #: the builder of a YAML that names none (the embedded default's)
 DEFAULT_BUILDER = "mini-clip"

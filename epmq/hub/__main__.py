@@ -1,0 +1,3 @@
+from epmq.hub.cli import main
+
+raise SystemExit(main())
