@@ -48,8 +48,7 @@ def local_hub(tmp_path_factory):
     table = root / "experts.tsv"
     table.write_text("suite\trole\ttask\tsource\trevision\tnote\n" + "\n".join(rows) + "\n")
     suite_yaml = root / "tiny-clip.yaml"
-    # every key spelled out, no `base:`: the workflow declares each inherited YAML's experts table as an
-    # input (epmq.suites.base.config_files), and clip.base.yaml's is not in this work directory
+    # every key spelled out, no `base:`: a self-contained suite YAML in the work directory
     suite_yaml.write_text(json.dumps({
         "suite": "tiny-clip", "builder": "hub-clip", "experts_table": str(table), "models_dir": str(root / "models"),
         "tasks": TASKS, "datasets": {task: str(path) for task, path in data.items()},

@@ -137,17 +137,20 @@ def packaged_config(name: str) -> Path:
 
 def config_files(path: str | os.PathLike) -> list[Path]:
     """Every file a suite's configuration is read from: its YAML, the ``base:`` YAMLs it inherits
-    (packaged defaults included) and the experts table it names. The workflow declares them as
-    inputs, so editing any of them reruns what depends on them."""
+    (packaged defaults included) and the experts table the resolved configuration names. The
+    workflow declares them as inputs, so editing any of them reruns what depends on them."""
+    from epmq.suites.common import read_suite_yaml
+
     path = Path(path)
     files, seen = [], set()
     while path.resolve() not in seen:
         seen.add(path.resolve())
         files.append(path)
         raw = yaml.safe_load(path.read_text()) or {}
-        if isinstance(raw.get("experts_table"), str):
-            files.append(Path(raw["experts_table"]))  # relative to the workflow directory, as epmq.hub reads it
         if not isinstance(raw.get("base"), str):
             break
         path = path.parent / raw["base"]
+    table = read_suite_yaml(files[0]).get("experts_table")
+    if isinstance(table, str):
+        files.append(Path(table))  # relative to the workflow directory, as epmq.hub reads it
     return list(dict.fromkeys(files))

@@ -83,8 +83,9 @@ def stable_seed(*parts: object) -> int:
 
 
 def save_calibration(tensors: dict[str, torch.Tensor], out: str | os.PathLike, cfg: dict, task: str,
-                     samples: int, seed: int) -> None:
-    """One task's calibration set as safetensors, with the setting in its metadata, written atomically."""
+                     samples: int, seed: int, split: str = "calib") -> None:
+    """One task's calibration set as safetensors, with the setting in its metadata (``split``: the
+    data split the samples were drawn from), written atomically."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -92,7 +93,7 @@ def save_calibration(tensors: dict[str, torch.Tensor], out: str | os.PathLike, c
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={
-            "suite": cfg["suite"], "task": task, "split": "calib", "seed": str(seed),
+            "suite": cfg["suite"], "task": task, "split": split, "seed": str(seed),
             "samples": str(samples), "config_digest": config_digest(cfg)})
         os.replace(tmp, out)
     finally:

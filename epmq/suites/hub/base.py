@@ -172,7 +172,7 @@ class HubSuite(Suite):
         """``samples`` training examples of ``task`` (seeded) as the model's inputs, with ``sample_indices``."""
         pretrained = Path(suite_dir) / "pretrained" if suite_dir else None
         tensors = self.calibration_inputs(task, samples, seed, split_dir(data_dir, task, "train"), pretrained)
-        save_calibration(tensors, out, self.cfg, task, samples, seed)
+        save_calibration(tensors, out, self.cfg, task, samples, seed, split="train")
 
     @abstractmethod
     def calibration_inputs(self, task: str, samples: int, seed: int, train: Path | None,
