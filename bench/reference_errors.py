@@ -23,15 +23,9 @@ from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.grid import rtn_quantize  # noqa: E402
 from epmq.catalog import get_method  # noqa: E402
-from epmq.testing.reference_quantizers import (  # noqa: E402
-    BITS,
-    DAMP,
-    GROUP,
-    ours,
-    relative_output_errors,
-    run_llmcompressor_awq,
-    run_llmcompressor_gptq,
-)
+from epmq.testing.reference_quantizers.awq import run_llmcompressor_awq  # noqa: E402
+from epmq.testing.reference_quantizers.crosscheck import BITS, DAMP, GROUP, ours, relative_output_errors  # noqa: E402
+from epmq.testing.reference_quantizers.gptq import run_llmcompressor_gptq  # noqa: E402
 from epmq.testing.models import outlier_llama  # noqa: E402
 
 

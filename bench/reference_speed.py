@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epmq.config import method_params  # noqa: E402
 from epmq.engine import CalibrationTask, quantize_model  # noqa: E402
 from epmq.catalog import get_method  # noqa: E402
-from epmq.testing.reference_quantizers import run_llmcompressor_gptq  # noqa: E402
+from epmq.testing.reference_quantizers.gptq import run_llmcompressor_gptq  # noqa: E402
 
 
 def build_model(hidden: int, layers: int) -> LlamaForCausalLM:

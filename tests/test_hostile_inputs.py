@@ -232,9 +232,9 @@ def test_out_in_an_unwritable_folder_is_refused(w, capsys):
 
 def test_out_where_the_user_may_not_write_is_refused(w, capsys, monkeypatch):
     # the permission check itself (the test above needs a non-root user to see a real chmod refuse)
-    import epmq.io
+    import epmq.io.paths
 
-    monkeypatch.setattr(epmq.io.os, "access", lambda path, mode: Path(path) != w / "locked")
+    monkeypatch.setattr(epmq.io.paths.os, "access", lambda path, mode: Path(path) != w / "locked")
     (w / "locked").mkdir()
     refused(["quantize", "--model", w / "merged", "--method", "rtn", "--out", w / "locked" / "q"],
             inputs=[w / "merged"], out=w / "locked" / "q", match=r"no permission to write in .*locked", capsys=capsys)

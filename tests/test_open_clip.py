@@ -1,4 +1,4 @@
-"""open_clip <-> transformers conversion of CLIP vision towers (``epmq.convert``).
+"""open_clip <-> transformers conversion of CLIP vision towers (``epmq.convert``, ``epmq.open_clip_mapping``).
 
 The reference is open_clip's ``VisionTransformer.forward`` written out below from its published
 architecture (open_clip is not installable here: it needs torchvision), run on an open_clip-layout
@@ -19,11 +19,11 @@ from safetensors.torch import load_file, safe_open, save_file
 from epmq.cli import main as cli_main
 from epmq.convert import (
     hf_checkpoint_to_open_clip,
-    infer_config,
     is_open_clip,
     open_clip_checkpoint_to_hf,
     read_state_dict,
 )
+from epmq.open_clip_mapping import infer_config
 
 WIDTH, LAYERS, HEADS, PATCH, GRID, MLP, EMBED = 32, 2, 2, 4, 4, 128, 8
 

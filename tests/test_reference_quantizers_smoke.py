@@ -1,4 +1,4 @@
-"""Smoke test of epmq/testing/reference_quantizers.py: llm-compressor GPTQ / AWQ on a tiny Llama, CPU.
+"""Smoke test of epmq/testing/reference_quantizers/: llm-compressor GPTQ / AWQ on a tiny Llama, CPU.
 
 Checks that the read-back weights are on a 4-bit grid per (row, group), that the caller's model
 is untouched, that the quantized models stay close to the fp model (and beat plain min-max RTN
@@ -17,7 +17,8 @@ pytest.importorskip("compressed_tensors")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from epmq.testing.reference_quantizers import run_llmcompressor_awq, run_llmcompressor_gptq  # noqa: E402
+from epmq.testing.reference_quantizers.awq import run_llmcompressor_awq  # noqa: E402
+from epmq.testing.reference_quantizers.gptq import run_llmcompressor_gptq  # noqa: E402
 
 pytestmark = pytest.mark.reference
 

@@ -1,13 +1,16 @@
-"""Adding a quantization method or a merge operator is one definition plus one registration: the
-CLI offers it and the workflow's wildcard constraints and method lists include it."""
+"""Adding a quantization method or a merge operator is one definition plus one registration (for a
+merge operator also its parameters' entry in epmq/schemas/methods.schema.yaml): the CLI offers it,
+the workflow's wildcard constraints and method lists include it, and it runs as a stage."""
 
 import argparse
 import json
 import re
 
 import pytest
+import torch
 
 from epmq.cli import main
+from epmq.config import methods_schema
 from epmq.grid import rtn_quantize
 from epmq.merge import MERGERS, register_merge
 from epmq.merge import add_arguments as merge_arguments
@@ -50,11 +53,17 @@ def toy_method():
 
 @pytest.fixture
 def toy_merge():
+    """An operator as a new module would define it: one function, one registration, and its
+    parameters (here none) in the methods schema, where every operator's defaults live."""
+
     @register_merge("toy_first_expert")
     def prepare(inputs, params, device):
         return lambda key, pretrained, experts: experts[0]
 
+    operators = methods_schema()["properties"]["merge"]["properties"]
+    operators["toy_first_expert"] = {"type": "object", "additionalProperties": False, "default": {}, "properties": {}}
     yield "toy_first_expert"
+    del operators["toy_first_expert"]
     del MERGERS["toy_first_expert"]
 
 
@@ -91,3 +100,16 @@ def test_a_registered_merge_operator_reaches_the_cli_and_the_workflow(toy_merge)
     assert toy_merge in choices(merge_arguments, "--method")
     assert re.fullmatch(merge_wildcard(), toy_merge)
     assert re.fullmatch(merge_wildcard(), "ties") and not re.fullmatch(merge_wildcard(), "ties2")
+
+
+def test_a_registered_merge_operator_runs_as_a_stage(toy_merge, tmp_path):
+    from safetensors.torch import load_file
+
+    for name, seed in (("pretrained", 0), ("first", 1), ("second", 2)):
+        tiny_llama(seed).save_pretrained(tmp_path / name)
+    out = tmp_path / "merged"
+    assert main(["merge", "--method", toy_merge, "--pretrained", str(tmp_path / "pretrained"),
+                 "--experts", str(tmp_path / "first"), str(tmp_path / "second"), "--out", str(out)]) == 0
+    assert json.loads((out / "merge.json").read_text())["method"] == toy_merge
+    merged, first = load_file(out / "model.safetensors"), load_file(tmp_path / "first" / "model.safetensors")
+    assert merged.keys() == first.keys() and all(torch.equal(merged[key], first[key]) for key in first)
