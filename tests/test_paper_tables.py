@@ -15,6 +15,8 @@ from statistics import mean
 
 import pytest
 
+from tests.paper_literal_cells import LITERAL
+
 ROOT = Path(__file__).resolve().parents[1]
 CSV_PATH = ROOT / "results" / "reference" / "paper_tables.csv"
 HEADER = ["table", "setting", "row", "column", "value", "delta"]
@@ -180,75 +182,6 @@ def test_delta_presence(table):
 # --------------------------------------------------------------------------
 # (a) literal cells, read off the paper text
 # --------------------------------------------------------------------------
-LITERAL = [
-    # (table, setting, row, column, value, delta)
-    (1, "", "pretrained", "sun397", "63.2", ""),
-    (1, "", "finetuned", "avg", "90.3", ""),
-    (1, "", "simple_average/epmq", "svhn", "94.9", "30.4"),
-    (1, "", "simple_average/gptq", "mnist", "86.4", "0.1"),
-    (1, "", "task_arithmetic/epmq", "eurosat", "66.3", "-10.4"),
-    (1, "", "ties/gptq", "avg", "69.1", "-3.1"),
-    (1, "", "wudi/epmq", "avg", "82.4", "-2.1"),
-    (1, "", "wudi/gptq", "mnist", "99.3", "0.0"),
-    (2, "ViT-B/32 20 tasks", "task_arithmetic/epmq", "avg", "64.2", "27.9"),
-    (2, "ViT-L/14 20 tasks", "task_arithmetic/awq", "avg", "27.7", "-29.5"),
-    (2, "ViT-L/14 8 tasks", "finetuned", "avg", "94.3", ""),
-    (2, "ViT-L/14 14 tasks", "ties/epmq", "avg", "82.5", "4.7"),
-    (2, "ViT-B/32 14 tasks", "pretrained", "avg", "58.8", ""),
-    (3, "", "task_arithmetic/epmq", "mnli", "82.50", "24.8"),
-    (3, "", "ties", "avg", "79.98", "0.0"),
-    (3, "", "task_arithmetic/awq", "avg", "78.80", "0.0"),
-    (3, "", "ties/epmq", "stsb", "85.84", "7.3"),
-    (3, "", "task_arithmetic/rtn", "cola", "70.18", "0.4"),
-    (3, "", "ties/epmq", "rte", "80.51", "-1.1"),
-    (4, "Llama-3.1-3B", "task_arithmetic/epmq", "math500", "44.60", "1.40"),
-    (4, "Llama-3.1-3B", "task_arithmetic/awq", "avg", "59.07", "-1.74"),
-    (4, "Llama-3.1-3B", "task_arithmetic/epmq", "ifeval", "62.48", "0.0"),
-    (4, "Llama-3.1-8B", "task_arithmetic/gptq", "mbpp-plus", "57.94", "-3.44"),
-    (4, "Llama-3.1-8B", "task_arithmetic/epmq", "mbpp-plus", "61.38", "0.0"),
-    (4, "Llama-3.1-8B", "task_arithmetic", "gsm8k", "85.67", "0.0"),
-    (5, "task_arithmetic", "task_arithmetic/epmq-alpha0", "avg", "5.37", "-62.6"),
-    (5, "task_arithmetic", "task_arithmetic/epmq-alpha0.1", "avg", "74.09", "6.1"),
-    (5, "ties", "ties/epmq-alpha0.01", "avg", "74.75", "2.5"),
-    (5, "ties", "ties/gptq", "avg", "65.03", "-7.2"),
-    (6, "64", "task_arithmetic/epmq", "avg", "72.23", ""),
-    (6, "256", "task_arithmetic/epmq", "time_s", "172.2", ""),
-    (6, "128", "task_arithmetic/epmq", "ratio", "2.99", ""),
-    (6, "64", "task_arithmetic/gptq", "time_s", "29.2", ""),
-    (6, "256", "task_arithmetic/gptq", "ratio", "1.00", ""),
-    (6, "128", "task_arithmetic", "avg", "68.00", ""),
-    (7, "", "wudi/epmq", "eurosat", "97.82", "-0.6"),  # printed with 2 decimals
-    (7, "", "simple_average/awq", "stanford-cars", "63.4", "-18.1"),
-    (7, "", "task_arithmetic/epmq", "gtsrb", "76.5", "-7.0"),
-    (7, "", "wudi", "avg", "92.3", "0.0"),
-    (8, "", "task_arithmetic/epmq", "avg", "70.05", "17.3"),
-    (8, "", "wudi/epmq", "fer2013", "39.24", ""),
-    (8, "", "simple_average", "cifar100", "70.40", ""),
-    (8, "", "ties/awq", "oxford-iiit-pet", "82.56", ""),
-    (9, "", "wudi", "avg", "88.80", "0.0"),
-    (9, "", "simple_average/awq", "avg", "64.10", "-13.4"),
-    (9, "", "task_arithmetic/epmq", "stl10", "98.61", ""),
-    (9, "", "ties/rtn", "pcam", "56.34", ""),
-    (10, "", "simple_average/epmq", "emnist-letters", "28.36", ""),
-    (10, "", "task_arithmetic", "kmnist", "15.40", ""),
-    (10, "", "wudi/epmq", "avg", "71.70", "4.6"),
-    (10, "", "ties/gptq", "rendered-sst2", "56.18", ""),
-    (10, "", "task_arithmetic/rtn", "stanford-cars", "8.57", ""),
-    (11, "", "task_arithmetic", "eurosat", "89.90", ""),
-    (11, "", "task_arithmetic/awq", "avg", "27.66", "-29.5"),
-    (11, "", "ties/rtn", "rendered-sst2", "73.31", ""),
-    (11, "", "wudi/epmq", "cifar10", "98.18", ""),
-    (11, "", "simple_average/epmq", "kmnist", "13.02", ""),
-    (12, "task_arithmetic", "task_arithmetic", "avg", "68.00", "0.0"),
-    (12, "task_arithmetic", "task_arithmetic/epmq-alpha0", "sun397", "0.29", ""),
-    (12, "task_arithmetic", "task_arithmetic/epmq-alpha10", "resisc45", "76.37", ""),
-    (12, "task_arithmetic", "task_arithmetic/epmq-alpha10", "eurosat", "76.37", ""),
-    (12, "task_arithmetic", "task_arithmetic/epmq-alpha1", "gtsrb", "61.27", ""),
-    (12, "ties", "ties/epmq-alpha0", "stanford-cars", "0.52", ""),
-    (12, "ties", "ties/epmq-alpha0.01", "avg", "74.75", "2.6"),
-    (12, "ties", "ties/epmq-alpha10", "avg", "71.86", "-0.3"),
-    (12, "ties", "ties/gptq", "dtd", "47.45", ""),
-]
 
 
 def test_literal_cells_cover_all_tables():
