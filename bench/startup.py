@@ -89,16 +89,20 @@ def run_cpu(argv: list[str]) -> tuple[float, float, str] | str:
     return wall, cpu, done.stderr
 
 
-def stage_jobs(suite_dir: Path, suite_config: str, config: dict, tmp: Path, finetune: bool) -> dict[str, list[str]]:
-    """One real job per rule, as ``rules/*.smk`` calls its stage, with its outputs under ``tmp``."""
+def stage_jobs(suite_dir: Path, suite_config: str, config: dict, targets: list[str], tables_dir: Path, tmp: Path,
+               finetune: bool) -> dict[str, list[str]]:
+    """One real job per rule, as ``rules/*.smk`` calls its stage, with its outputs under ``tmp``; the
+    render and plot jobs read the suite's first table and figure target's CSV in ``tables_dir``."""
     tasks = sorted(path.name for path in (suite_dir / "experts").iterdir())
     experts = [str(suite_dir / "experts" / task) for task in tasks]
     data, common = str(suite_dir / "data"), ["--suite-config", suite_config]
     merged = sorted((suite_dir / "merged").iterdir())[0]
     eval_dirs = sorted({str(path.parent) for path in (suite_dir / "eval").rglob("*.json")})
-    table, figure = (next(name for name, spec in config["targets"].items() if spec["layout"] != "plot"),
-                     next(name for name, spec in config["targets"].items() if spec["layout"] == "plot"))
-    metrics = tmp / "metrics.csv"
+    table, figure = (next(name for name in targets if config["targets"][name]["layout"] != "plot"),
+                     next(name for name in targets if config["targets"][name]["layout"] == "plot"))
+    # a target renders from its own aggregate (the build's results/tables/{target}.csv): the suite's
+    # every evaluation in one CSV repeats table cells
+    table_metrics, figure_metrics = (tables_dir / f"{name}.csv" for name in (table, figure))
     jobs = {
         "suite_calib": ["-m", "epmq", "suite", "calib", *common, "--data", data, "--task", tasks[0],
                         "--suite-dir", str(suite_dir), "--samples", "64", "--seed", "0", "--out", str(tmp / "calib.safetensors")],
@@ -108,11 +112,11 @@ def stage_jobs(suite_dir: Path, suite_config: str, config: dict, tmp: Path, fine
                      "--group-size", "128", "--threads", "1", "--experts", "--calib", "--tasks", "--out", str(tmp / "quant")],
         "evaluate": ["-m", "epmq", "evaluate", *common, "--suite-dir", str(suite_dir), "--model", experts[0],
                      "--data", data, "--threads", "1", "--tasks", tasks[0], "--out-dir", str(tmp / "eval")],
-        "aggregate": ["-m", "epmq", "aggregate", "--eval-dirs", *eval_dirs, "--out", str(metrics)],
+        "aggregate": ["-m", "epmq", "aggregate", "--eval-dirs", *eval_dirs, "--out", str(tmp / "metrics.csv")],
         "render": ["-m", "epmq", "render", "--target", table, "--spec", json.dumps(config["targets"][table]),
-                   "--metrics", str(metrics), "--out-dir", str(tmp / "tables")],
+                   "--metrics", str(table_metrics), "--out-dir", str(tmp / "tables")],
         "plot": ["-m", "epmq", "render", "--target", figure, "--spec", json.dumps(config["targets"][figure]),
-                 "--metrics", str(metrics), "--out-dir", str(tmp / "tables"), "--figure"],
+                 "--metrics", str(figure_metrics), "--out-dir", str(tmp / "tables"), "--figure"],
     }
     if finetune:
         jobs["suite_finetune"] = ["-m", "epmq", "suite", "finetune", *common, "--data", data, "--pretrained",
@@ -127,12 +131,11 @@ def measure_startup(jobs: dict[str, list[str]], tmp: Path, repeats: int) -> dict
     order, nothing else (its start-up). CPU seconds, unlike wall seconds, barely change with the
     machine's load, so they compare with the benchmark files' ``cpu_time`` of another day."""
     measured = {}
-    for rule, argv in jobs.items():  # in order: render and plot read aggregate's CSV
+    for rule, argv in jobs.items():
         runs = []
         for _ in range(repeats):
             for path in tmp.iterdir():  # every stage refuses a non-empty output it did not write
-                if path.name != "metrics.csv" or rule == "aggregate":
-                    subprocess.run(["rm", "-rf", str(path)], check=True)
+                subprocess.run(["rm", "-rf", str(path)], check=True)
             job = run_cpu(["-X", "importtime", *argv])
             if isinstance(job, str):
                 runs.append(job)
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                if args.suite in (spec["suite"] if isinstance(spec["suite"], list) else [spec["suite"]])]
     suite_config = config["suites"][args.suite].get("suite_config") or str(packaged_config(args.suite))
     with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
-        jobs = stage_jobs(suite_dir, suite_config, config, Path(tmp), args.finetune)
+        jobs = stage_jobs(suite_dir, suite_config, config, targets, suite_dir.parent / "tables", Path(tmp), args.finetune)
         measured = measure_startup(jobs, Path(tmp), args.repeats)
     after = benchmark_totals(args.benchmarks, args.suite, targets)
     before = benchmark_totals(args.before, args.suite, targets) if args.before else None

@@ -69,10 +69,14 @@ def test_each_rule_runs_its_stage_with_outputs_in_the_temporary_folder(tmp_path)
     (suite / "eval/merged/ties/a.json").write_text("{}")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     validate(config, str(ROOT / "rules" / "schemas" / "config.schema.yaml"))
-    jobs = stage_jobs(suite, "suite.yaml", config, tmp_path / "out", finetune=True)
+    targets = [name for name, spec in config["targets"].items() if spec["suite"] == "mini-clip8"]
+    jobs = stage_jobs(suite, "suite.yaml", config, targets, tmp_path / "tables", tmp_path / "out", finetune=True)
     assert {"suite_calib", "suite_finetune", "merge", "quantize", "evaluate", "aggregate", "render", "plot"} == set(jobs)
     for rule, argv in jobs.items():
         assert argv[:2] == ["-m", "epmq"] and argv[2] in STAGES, rule
         outputs = [argv[i + 1] for i, word in enumerate(argv) if word in ("--out", "--out-dir")]
         assert outputs and all(out.startswith(str(tmp_path / "out")) for out in outputs), rule
     assert str(suite / "eval/merged/ties") in jobs["aggregate"]
+    # a target renders from its own aggregate, not from every evaluation of the suite
+    assert jobs["render"][jobs["render"].index("--metrics") + 1] == str(tmp_path / "tables" / "table_1.csv")
+    assert jobs["plot"][jobs["plot"].index("--metrics") + 1] == str(tmp_path / "tables" / "figure_2.csv")
