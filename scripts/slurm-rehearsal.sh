@@ -14,7 +14,9 @@
 # --gpus=rehearsal:1) are granted as written; the jobs then share this machine's cores.
 # It writes /etc/slurm/{slurm,gres,slurmdbd}.conf (refusing to replace existing ones) and removes
 # them at the end. Work files go to EPMQ_REHEARSAL_DIR (default: a new /tmp/epmq-slurm-rehearsal.XXXXXX);
-# kept, and when reused its local run and hub fixtures are kept too. A config with hub suites
+# kept, and when reused its local run and hub fixtures are kept too; with EPMQ_REHEARSAL_RESUME=1 the
+# SLURM run's outputs are kept as well, so an interrupted SLURM run resumes where it stopped (the
+# checks then cover the jobs of the resumed run, the tables and the rerun all). A config with hub suites
 # (builder hub-*) runs offline on fixtures from scripts/make_hub_fixtures.py (HF_HOME=$WORK/hf).
 # Exit codes: 0 rehearsal passed, 1 it failed, 2 bad usage, 77 SLURM cannot run here (not root, no
 # packages).
@@ -57,8 +59,10 @@ WORK=${EPMQ_REHEARSAL_DIR:-$(mktemp -d /tmp/epmq-slurm-rehearsal.XXXXXX)}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 S=$WORK/slurm
-# a reused directory keeps its local run (a rerun of it does nothing); all else starts afresh
-rm -rf "$S" "$WORK/mysql" "$WORK/cluster"
+# a reused directory keeps its local run (a rerun of it does nothing) and, when resuming, its SLURM
+# run; all else starts afresh
+rm -rf "$S" "$WORK/mysql"
+[[ ${EPMQ_REHEARSAL_RESUME:-0} = 1 ]] || rm -rf "$WORK/cluster"
 mkdir -p "$S/state" "$S/spool" "$WORK/mysql"
 HOST=$(hostname -s)
 GPU_MODEL=rehearsal
@@ -224,11 +228,17 @@ for run in local cluster; do  # suite YAMLs name config/experts.tsv relative to 
     ln -sfn "$ROOT/config" "$WORK/$run/config"
 done
 SNAKEMAKE=(python -m snakemake --snakefile "$ROOT/Snakefile" --configfile "$CONFIG")
+unlock() {  # a run that was interrupted leaves its directory locked
+    [[ -d $1/.snakemake/locks ]] && "${SNAKEMAKE[@]}" --directory "$1" --unlock >/dev/null 2>&1 || true
+}
+unlock "$WORK/local"
 START=$SECONDS
 "${SNAKEMAKE[@]}" --profile "$ROOT/profiles/local" --directory "$WORK/local" "${TARGETS[@]}" \
     >"$WORK/local.log" 2>&1 || { tail -n 40 "$WORK/local.log" >&2; exit 1; }
 LOCAL_SECONDS=$((SECONDS - START))
 
+unlock "$WORK/cluster"
+[[ -e $WORK/cluster.log ]] && mv "$WORK/cluster.log" "$WORK/cluster-$(date -r "$WORK/cluster.log" +%Y%m%dT%H%M%S).log"
 START=$SECONDS
 SUBMITTED=$(date +%Y-%m-%dT%H:%M:%S)
 # Only settings the profile does not have go on the command line (status checks sooner than a real
