@@ -14,6 +14,8 @@ group measured so far (of its rule where no job of the group has run yet), and t
 the whole build is printed.
 
     python bench/dag_cost.py --suite mini-dino [--targets dino_table_1 ...] [--pending] [--cores 2] [--benchmarks benchmarks]
+
+Several suites (``--suite a b ...``) are summed per rule, e.g. a paper DAG's nine suites.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def suite_costs(root: Path, suite: str, targets: list[str], built: bool = True) 
     return groups
 
 
-def pending_groups(dry_run: str, suite: str) -> list[str]:
-    """The group of every job a Snakemake dry run lists with a benchmark file of ``suite`` or of a table."""
+def pending_groups(dry_run: str, suite: str, tables: bool = True) -> list[str]:
+    """The group of every job a Snakemake dry run lists with a benchmark file of ``suite`` or (``tables``)
+    of a table."""
     groups = []
     for line in dry_run.splitlines():
         path = line.strip().removeprefix("benchmark:").strip()
@@ -70,7 +73,7 @@ def pending_groups(dry_run: str, suite: str) -> list[str]:
         parts = Path(path).parts
         if parts[1] == suite:
             groups.append(job_group(Path(*parts[2:])))
-        elif parts[1] == "tables":
+        elif parts[1] == "tables" and tables:
             groups.append(Path(path).suffixes[-2].lstrip("."))
     return groups
 
@@ -110,14 +113,19 @@ def report(groups: dict[str, list[tuple[float, float]]], cores: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", required=True)
+    parser.add_argument("--suite", required=True, nargs="+", help="one suite, or several summed per rule")
     parser.add_argument("--targets", nargs="*", default=[])
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--benchmarks", type=Path, default=Path("benchmarks"))
     parser.add_argument("--pending", action="store_true", help="cost the jobs a dry run of --targets still lists")
     args = parser.parse_args(argv)
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
     try:
-        groups = suite_costs(args.benchmarks, args.suite, args.targets, built=not args.pending)
+        for index, suite in enumerate(args.suite):
+            # the targets' table jobs are counted once, with the first suite
+            costs = suite_costs(args.benchmarks, suite, args.targets if index == 0 else [], built=not args.pending)
+            for name, samples in costs.items():
+                groups[name] += samples
     except (FileNotFoundError, ValueError, KeyError) as err:
         parser.exit(2, f"dag_cost: {err}\n")
     print(report(groups, args.cores))
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True)
         if dry.returncode != 0:
             parser.exit(2, f"dag_cost: the dry run failed: {dry.stderr.strip().splitlines()[-1:]}\n")
-        pending = pending_groups(dry.stdout, args.suite)
+        pending = [group for index, suite in enumerate(args.suite)
+                   for group in pending_groups(dry.stdout, suite, tables=index == 0)]
         cpu, uncosted = projection(groups, pending)
         done = sum(c for samples in groups.values() for _, c in samples)
         print(f"pending: {len(pending)} jobs, {cpu:.0f} CPU s at the measured means"

@@ -78,3 +78,15 @@ localrule t1:
     # awq: no awq measured, so the mean of every quantize job (40); epmq 50; evaluate 30; render 2; merge uncosted
     assert cpu == 40.0 + 50.0 + 30.0 + 2.0
     assert uncosted == ["merge"]
+
+
+def test_several_suites_sum_per_rule_and_count_the_tables_once(tmp_path, capsys):
+    write(tmp_path / "a" / "merge" / "ties.tsv", 1.0, 2.0)
+    write(tmp_path / "b" / "merge" / "ties.tsv", 3.0, 4.0)
+    write(tmp_path / "b" / "evaluate" / "merged" / "ties.tsv", 5.0, 6.0)
+    write(tmp_path / "tables" / "t1.render.tsv", 7.0, 8.0)
+    assert dag_cost.main(["--suite", "a", "b", "--targets", "t1", "--benchmarks", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert lines["merge"] == ["2", "4.0", "6.0"] and lines["evaluate"] == ["1", "5.0", "6.0"]
+    assert lines["render"] == ["1", "7.0", "8.0"] and lines["total"] == ["4", "16.0", "20.0"]
+    assert dag_cost.pending_groups("    benchmark: benchmarks/tables/t1.render.tsv\n", "b", tables=False) == []
