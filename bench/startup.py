@@ -92,17 +92,15 @@ def run_cpu(argv: list[str]) -> tuple[float, float, str] | str:
 def stage_jobs(suite_dir: Path, suite_config: str, config: dict, targets: list[str], tables_dir: Path, tmp: Path,
                finetune: bool) -> dict[str, list[str]]:
     """One real job per rule, as ``rules/*.smk`` calls its stage, with its outputs under ``tmp``; the
-    render and plot jobs read the suite's first table and figure target's CSV in ``tables_dir``."""
+    render and plot jobs read the suite's first table and figure target's CSV in ``tables_dir`` (no
+    render or plot job for a suite without such a target)."""
     tasks = sorted(path.name for path in (suite_dir / "experts").iterdir())
     experts = [str(suite_dir / "experts" / task) for task in tasks]
     data, common = str(suite_dir / "data"), ["--suite-config", suite_config]
     merged = sorted((suite_dir / "merged").iterdir())[0]
     eval_dirs = sorted({str(path.parent) for path in (suite_dir / "eval").rglob("*.json")})
-    table, figure = (next(name for name in targets if config["targets"][name]["layout"] != "plot"),
-                     next(name for name in targets if config["targets"][name]["layout"] == "plot"))
-    # a target renders from its own aggregate (the build's results/tables/{target}.csv): the suite's
-    # every evaluation in one CSV repeats table cells
-    table_metrics, figure_metrics = (tables_dir / f"{name}.csv" for name in (table, figure))
+    table = next((name for name in targets if config["targets"][name]["layout"] != "plot"), None)
+    figure = next((name for name in targets if config["targets"][name]["layout"] == "plot"), None)
     jobs = {
         "suite_calib": ["-m", "epmq", "suite", "calib", *common, "--data", data, "--task", tasks[0],
                         "--suite-dir", str(suite_dir), "--samples", "64", "--seed", "0", "--out", str(tmp / "calib.safetensors")],
@@ -113,11 +111,13 @@ def stage_jobs(suite_dir: Path, suite_config: str, config: dict, targets: list[s
         "evaluate": ["-m", "epmq", "evaluate", *common, "--suite-dir", str(suite_dir), "--model", experts[0],
                      "--data", data, "--threads", "1", "--tasks", tasks[0], "--out-dir", str(tmp / "eval")],
         "aggregate": ["-m", "epmq", "aggregate", "--eval-dirs", *eval_dirs, "--out", str(tmp / "metrics.csv")],
-        "render": ["-m", "epmq", "render", "--target", table, "--spec", json.dumps(config["targets"][table]),
-                   "--metrics", str(table_metrics), "--out-dir", str(tmp / "tables")],
-        "plot": ["-m", "epmq", "render", "--target", figure, "--spec", json.dumps(config["targets"][figure]),
-                 "--metrics", str(figure_metrics), "--out-dir", str(tmp / "tables"), "--figure"],
     }
+    # a target renders from its own aggregate (the build's results/tables/{target}.csv): the suite's
+    # every evaluation in one CSV repeats table cells
+    for rule, target, flags in (("render", table, []), ("plot", figure, ["--figure"])):
+        if target is not None:
+            jobs[rule] = ["-m", "epmq", "render", "--target", target, "--spec", json.dumps(config["targets"][target]),
+                          "--metrics", str(tables_dir / f"{target}.csv"), "--out-dir", str(tmp / "tables"), *flags]
     if finetune:
         jobs["suite_finetune"] = ["-m", "epmq", "suite", "finetune", *common, "--data", data, "--pretrained",
                                   str(suite_dir / "pretrained"), "--task", tasks[0], "--threads", "1",

@@ -80,3 +80,7 @@ def test_each_rule_runs_its_stage_with_outputs_in_the_temporary_folder(tmp_path)
     # a target renders from its own aggregate, not from every evaluation of the suite
     assert jobs["render"][jobs["render"].index("--metrics") + 1] == str(tmp_path / "tables" / "table_1.csv")
     assert jobs["plot"][jobs["plot"].index("--metrics") + 1] == str(tmp_path / "tables" / "figure_2.csv")
+    # a suite without a figure target (mini-text4) gets no plot job
+    text_targets = [name for name, spec in config["targets"].items() if spec["suite"] == "mini-text4"]
+    text_jobs = stage_jobs(suite, "suite.yaml", config, text_targets, tmp_path / "tables", tmp_path / "out", finetune=False)
+    assert "plot" not in text_jobs and "render" in text_jobs
