@@ -78,7 +78,8 @@ def save_quantized(
             layers[name] = {"bits": None}
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir) as tmp:
-        model.config.architectures = [type(model).__name__]
+        # the transformers class the model is (or, for epmq.models' plain-torch classes, stands for)
+        model.config.architectures = [getattr(model, "architecture", type(model).__name__)]
         model.config.save_pretrained(tmp)
         save_file(state, str(tmp / SAFETENSORS_SINGLE), metadata={"format": "pt", "epmq_format": FORMAT})
         atomic_write_json(
@@ -170,20 +171,50 @@ def model_class(config) -> type[nn.Module]:
     return getattr(transformers, architectures[0])
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, plain_torch: bool = False) -> nn.Module:
     """Load any checkpoint this project writes: HF directories, merged models, quantized models.
 
     Quantized checkpoints are rebuilt with dequantized float weights (see :func:`load_quantized`).
+    With ``plain_torch``, a family that ``epmq.models`` reproduces exactly (CLIP vision towers) is
+    built as its plain-torch class instead of transformers' (same module names, bit-identical
+    outputs, no transformers import); any other family loads as without it.
     """
+    path = require_local_dir(path, "model")
+    info = quantization_info(path)
+    if plain_torch:
+        from epmq.models import plain_model_class
+
+        config = read_json(path / "config.json")
+        plain = plain_model_class(config)
+        if plain is not None:
+            stored_dtype = getattr(torch, (info or {}).get("dtype") or config.get("dtype") or "float32")
+            with torch.device("meta"):
+                model = plain(config)
+            if _names_modules_of(LazyCheckpoint(path), model):  # else stored under another prefix: transformers maps it
+                _allocate(model, dtype or stored_dtype)
+                return _fill(path, model, info or {"layers": {}}, stored_dtype)
+
     import transformers
 
-    path = require_local_dir(path, "model")
     config = transformers.AutoConfig.from_pretrained(path)
     cls = model_class(config)
-    info = quantization_info(path)
     if info is None:
         return cls.from_pretrained(path, dtype=dtype) if dtype else cls.from_pretrained(path)
     return load_quantized(path, cls, config, info, dtype)
+
+
+def _allocate(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give a model built on the meta device uninitialised CPU parameters of ``dtype``, in place
+    (``Module.to_empty`` would do it through torch's reference ops, importing ``torch.fx``: 0.3 s)."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=param.requires_grad))
+
+
+def _names_modules_of(checkpoint: LazyCheckpoint, model: nn.Module) -> bool:
+    """Whether every tensor stored in ``checkpoint`` belongs to a module of ``model`` by its exact path."""
+    modules = dict(model.named_modules())
+    return all(key.rpartition(".")[0] in modules for key in checkpoint.keys())
 
 
 def load_quantized(path: Path, cls: type[nn.Module], config, info: dict, dtype: torch.dtype | None = None) -> nn.Module:
@@ -196,11 +227,18 @@ def load_quantized(path: Path, cls: type[nn.Module], config, info: dict, dtype: 
     from transformers.initialization import no_init_weights
 
     stored_dtype = getattr(torch, info.get("dtype", "float32"))
-    checkpoint = LazyCheckpoint(path)
     with no_init_weights():
         model = cls._from_config(config, dtype=dtype or stored_dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    return _fill(path, model, info, stored_dtype)
+
+
+def _fill(path: Path, model: nn.Module, info: dict, stored_dtype: torch.dtype) -> nn.Module:
+    """Every parameter of the allocated ``model`` from the checkpoint in ``path``, packed linears
+    dequantized in place (``info["layers"]``; empty for an unquantized checkpoint)."""
+    checkpoint = LazyCheckpoint(path)
+    cls = type(model)
     validate_quantized_state(checkpoint, info["layers"], model)
     layers = quantized_layers(info)
     packed = {f"{name}.{suffix}" for name in layers for suffix in _SUFFIXES}

@@ -146,7 +146,7 @@ def _merged_model(plan: MergekitPlan, method: str, params: dict, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as scratch:
         merged = merge_checkpoints(method, plan.pretrained, plan.experts, Path(scratch) / "merged", params)
-        return load_model(merged)
+        return load_model(merged, plain_torch=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         if merge is not None:
             model = _merged_model(plan, *merge, args.out)
         else:
-            model = load_model(model_dir)
+            model = load_model(model_dir, plain_torch=True)
         _quantize(args, method, params, model, experts, record)
     return 0
 

@@ -60,6 +60,23 @@ def zeroshot_logits(features: torch.Tensor, heads: torch.Tensor, logit_scale: to
 
 
 @torch.inference_mode()
+def image_embeddings(
+    encoder: ImageEncoder, pixel_values: torch.Tensor, projection: torch.Tensor, batch_size: int = 1024
+) -> list[torch.Tensor]:
+    """Normalised image embeddings of ``pixel_values`` [N, C, H, W], one tensor per batch of ``batch_size``.
+
+    Kept per batch so that logits computed from them are those of a batch-by-batch ``predict``, bit for bit."""
+    return [image_features(encoder(pixel_values[start : start + batch_size]), projection)
+            for start in progress(range(0, pixel_values.shape[0], batch_size), "evaluating", unit="batch")]
+
+
+@torch.inference_mode()
+def classify(embeddings: Sequence[torch.Tensor], heads: torch.Tensor, logit_scale: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Top-1 predictions [N] of the zero-shot head ``heads`` on per-batch image embeddings."""
+    predictions = [zeroshot_logits(batch, heads, logit_scale).argmax(dim=-1) for batch in embeddings]
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+
+
 def predict(
     encoder: ImageEncoder,
     pixel_values: torch.Tensor,
@@ -69,12 +86,7 @@ def predict(
     batch_size: int = 1024,
 ) -> torch.Tensor:
     """Top-1 predictions [N] of the zero-shot classifier on ``pixel_values`` [N, C, H, W]."""
-    predictions = []
-    for start in progress(range(0, pixel_values.shape[0], batch_size), "evaluating", unit="batch"):
-        pooled = encoder(pixel_values[start : start + batch_size])
-        logits = zeroshot_logits(image_features(pooled, projection), heads, logit_scale)
-        predictions.append(logits.argmax(dim=-1))
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    return classify(image_embeddings(encoder, pixel_values, projection, batch_size), heads, logit_scale)
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, int]:
