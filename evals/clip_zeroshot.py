@@ -196,10 +196,12 @@ class ClipVisionTower(torch.nn.Module):
 
 
 def hf_pooled_encoder(model: torch.nn.Module) -> ImageEncoder:
-    """Wrap any transformers CLIP vision model (or CLIPModel) as pixel_values -> pooled output."""
+    """Wrap any transformers CLIP vision model (or CLIPModel), or a plain-torch one of ``epmq.models``
+    (which returns the pooled output itself), as pixel_values -> pooled output."""
     vision = model.vision_model if hasattr(model, "vision_model") else model
 
     def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        return vision(pixel_values=pixel_values).pooler_output
+        output = vision(pixel_values=pixel_values)
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
 
     return encode

@@ -90,3 +90,24 @@ def test_quantized_checkpoints_are_byte_identical(checkpoint, tmp_path, method, 
     batch = image_batches(1, seed=7)[0]
     with torch.no_grad():
         assert torch.equal(reloaded(**batch), load_model(written["transformers"])(**batch).pooler_output)
+
+
+def test_fine_tuning_and_saving_are_bit_identical(checkpoint, tmp_path):
+    """mini-clip8's experts are fine-tuned on the plain tower: the same steps give the same weights and files."""
+    from evals import clip_zeroshot as zs
+
+    models = {"transformers": load_model(checkpoint), "plain": load_model(checkpoint, plain_torch=True)}
+    for name, model in models.items():
+        model.train()
+        encode = zs.hf_pooled_encoder(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        for batch in image_batches(3, batch=8, seed=5):
+            loss = encode(batch["pixel_values"]).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.5)
+            optimizer.step()
+        model.save_pretrained(tmp_path / name)
+    assert (tmp_path / "plain" / "config.json").read_bytes() == (tmp_path / "transformers" / "config.json").read_bytes()
+    assert safetensors_parts(tmp_path / "plain") == safetensors_parts(tmp_path / "transformers")
+    assert not torch.equal(models["plain"].encoder.layers[0].mlp.fc1.weight, load_model(checkpoint).encoder.layers[0].mlp.fc1.weight)

@@ -10,7 +10,9 @@ its forward makes the same torch calls in the same order (``F.layer_norm``, ``F.
 ``x * sigmoid(1.702 x)``), so outputs are bit-identical to ``CLIPVisionModel`` with its default SDPA
 attention (``tests/test_plain_clip.py`` checks it, block by block and end to end).
 
-Inference only: no dropout, no attention mask, no position interpolation, no gradient checkpointing.
+No dropout (CLIP's is 0), attention mask, position interpolation or gradient checkpointing: enough to
+fine-tune the offline suites' towers (the same autograd graph as transformers', so the same experts)
+and to quantize and evaluate any ``CLIPVisionModel``.
 """
 
 from __future__ import annotations
@@ -172,6 +174,15 @@ class ClipVisionModel(nn.Module):
         for layer in self.encoder.layers:
             hidden = layer(hidden)
         return self.post_layernorm(hidden[:, 0])
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``config.json`` and ``model.safetensors`` as transformers' ``save_pretrained`` writes them."""
+        from safetensors.torch import save_file
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        state = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
+        save_file(state, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
     def supports(cls, config: dict) -> bool:

@@ -137,10 +137,11 @@ class MiniClip8(Suite):
 
     # ------------------------------------------------------------------------------ tower --
     def load_tower(self, path: str | os.PathLike) -> torch.nn.Module:
-        """The pretrained tower in ``path``, to fine-tune."""
-        from transformers import CLIPVisionModel
+        """The pretrained tower in ``path``, to fine-tune: the plain-torch ``CLIPVisionModel`` of
+        ``epmq.models`` (the same experts as transformers' class, without its seconds of import)."""
+        from epmq.checkpoint import load_model
 
-        return CLIPVisionModel.from_pretrained(path)
+        return load_model(path, plain_torch=True)
 
     def trainable(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters an expert trains: the whole tower."""

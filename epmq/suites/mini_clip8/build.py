@@ -204,10 +204,11 @@ def finetune_tower(cfg: dict, model: torch.nn.Module, params: list[tuple[str, to
     projection, classifier = head["visual_projection.weight"], head[f"heads.{task}"]
     scale = head["logit_scale"].exp()
     generator = seeded_generator(cfg, "finetune", task)
+    pooled = zs.hf_pooled_encoder(model)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         pixels = pixel_values(augment(split.images[idx], spec["augment"], generator), cfg)
-        features = zs.image_features(model(pixel_values=pixels).pooler_output, projection)
+        features = zs.image_features(pooled(pixels), projection)
         return F.cross_entropy(scale * features @ classifier.T, split.labels[idx])
 
     model.train()
