@@ -182,7 +182,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, plain_torch: 
     path = require_local_dir(path, "model")
     info = quantization_info(path)
     if plain_torch:
-        from epmq.models import plain_model_class
+        from epmq.models import allocate, plain_model_class
 
         config = read_json(path / "config.json")
         plain = plain_model_class(config)
@@ -191,7 +191,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, plain_torch: 
             with torch.device("meta"):
                 model = plain(config)
             if _names_modules_of(LazyCheckpoint(path), model):  # else stored under another prefix: transformers maps it
-                _allocate(model, dtype or stored_dtype)
+                allocate(model, dtype or stored_dtype)
                 return _fill(path, model, info or {"layers": {}}, stored_dtype)
 
     import transformers
@@ -201,14 +201,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, plain_torch: 
     if info is None:
         return cls.from_pretrained(path, dtype=dtype) if dtype else cls.from_pretrained(path)
     return load_quantized(path, cls, config, info, dtype)
-
-
-def _allocate(model: nn.Module, dtype: torch.dtype) -> None:
-    """Give a model built on the meta device uninitialised CPU parameters of ``dtype``, in place
-    (``Module.to_empty`` would do it through torch's reference ops, importing ``torch.fx``: 0.3 s)."""
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=dtype), requires_grad=param.requires_grad))
 
 
 def _names_modules_of(checkpoint: LazyCheckpoint, model: nn.Module) -> bool:
