@@ -70,6 +70,9 @@ class BlockContext:
     block: nn.Module
     prefix: str
     inputs: list[list[_BlockInput]]
+    #: linear groups by block structure (class, linear names and shapes): a stack's blocks share one
+    #: forward, so the grouping pass runs once per structure, not once per block
+    group_cache: dict = field(default_factory=dict)
 
     def all_inputs(self) -> list[_BlockInput]:
         return [block_input for task_inputs in self.inputs for block_input in task_inputs]
@@ -118,6 +121,7 @@ def quantize_model(
             raise ValueError(f"method {method.name!r} needs an expert checkpoint for every task; missing: {missing}")
     model.eval()
     result = QuantizationResult(device=results_device)
+    group_cache: dict = {}
     start = time.perf_counter()
     with torch.no_grad(), _tf32_off():
         for stack in adapter.stacks(model):
@@ -130,11 +134,14 @@ def quantize_model(
                     for name, linear in block_linears(block).items():
                         _quantize_linear(method, f"{prefix}.{name}", linear, None, 0.0, result)
                 else:
-                    context = BlockContext(adapter, stack, block, prefix, inputs)
-                    fp_outputs = None if method.quantized_inputs else [context.run(x) for x in context.all_inputs()]
+                    # the stack's last block feeds nothing: its outputs are neither kept nor computed
+                    last = index == len(stack.blocks) - 1
+                    context = BlockContext(adapter, stack, block, prefix, inputs, group_cache)
+                    fp_outputs = None if method.quantized_inputs or last else [context.run(x) for x in context.all_inputs()]
                     method.prepare_block(context)
                     _quantize_block(context, tasks, method, result)
-                    _advance(context, fp_outputs)
+                    if not last:
+                        _advance(context, fp_outputs)
                 log.info(
                     "%s block %d/%d quantized in %.2f s", stack.name, index + 1, len(stack.blocks),
                     time.perf_counter() - block_start,
@@ -180,7 +187,10 @@ def _quantize_block(context: BlockContext, tasks, method: QuantMethod, result):
         for name, linear in linears.items():
             _quantize_linear(method, f"{context.prefix}.{name}", linear, None, 0.0, result)
         return
-    groups = linear_groups(context.block, lambda: context.run(context.inputs[0][0]))
+    structure = (type(context.block), tuple((name, tuple(linear.weight.shape)) for name, linear in linears.items()))
+    if structure not in context.group_cache:
+        context.group_cache[structure] = linear_groups(context.block, lambda: context.run(context.inputs[0][0]))
+    groups = context.group_cache[structure]
     # True-sequential: each group's inputs are collected after the earlier groups are quantized;
     # otherwise one pass over the fp block collects every group's statistics (llm-compressor).
     passes = [[group] for group in groups] if method.params["true_sequential"] else [groups]
