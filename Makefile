@@ -16,6 +16,10 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Python cache bytecode (a machine may set PYTHONDONTWRITEBYTECODE=1, which would make every job
 # recompile all it imports): each module is compiled once, by the first process that imports it.
 unexport PYTHONDONTWRITEBYTECODE
+# torch's CPU tensors above glibc's mmap threshold go back to the kernel when freed, so each batch's
+# activations are fresh pages to fault in: keeping them in the heap takes ~8% off an evaluation job.
+# Local runs only (the SLURM profile does not set it): results are unchanged, memory is not returned early.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
