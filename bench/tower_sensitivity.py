@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from epmq.checkpoint import load_model
 from epmq.grid import rtn_quantize
 from epmq.suites.base import builder_of
 from epmq.suites.common import set_threads
@@ -38,56 +39,56 @@ from epmq.suites.mini_clip8.heads import HEAD_FILE, load_head
 from evals import clip_zeroshot as zs
 
 
-class RecordingTower(zs.ClipVisionTower):
-    """``ClipVisionTower`` that records each encoder linear's per-channel input absmax."""
-
-    def __init__(self, config, state_dict):
-        super().__init__(config, state_dict)
-        self.channel_absmax: dict[str, torch.Tensor] | None = None
-
-    def _linear(self, x, name):
-        if self.channel_absmax is not None:
-            self.channel_absmax[name] = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
-        return super()._linear(x, name)
-
-
-def encoder_linears(tower: zs.ClipVisionTower) -> list[str]:
-    return [key[: -len(".weight")] for key in tower.w if key.startswith("encoder.layers.") and
-            key.endswith(("_proj.weight", "fc1.weight", "fc2.weight"))]
+def encoder_linears(tower: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The encoder's linears of a plain-torch ``CLIPVisionModel`` (``epmq.models``), by module name."""
+    return {name: module for name, module in tower.named_modules()
+            if name.startswith("encoder.layers.") and isinstance(module, torch.nn.Linear)}
 
 
 def measure(model_dir: Path, cfg, head, sources: Sources, bits_list, group_size) -> dict:
     if (model_dir / HEAD_FILE).exists():  # a pretrained tower carries its own projection
         head = load_head(model_dir / HEAD_FILE)
-    tower = RecordingTower.from_pretrained(model_dir).eval()
+    tower = load_model(model_dir, plain_torch=True).eval()
     tasks = list(cfg["tasks"])
     linears = encoder_linears(tower)
     first = task_split(cfg, tasks[0], "test", sources)
-    tower.channel_absmax = {}
+    channel_absmax: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, args):
+            channel_absmax[name] = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
+        return hook
+
+    handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
     with torch.no_grad():
         tower(to_pixel_values(first.images[:256], cfg))
-    ratios = [float(m.max() / m.median()) for m in tower.channel_absmax.values()]
-    tower.channel_absmax = None
+    for handle in handles:
+        handle.remove()
+    ratios = [float(m.max() / m.median()) for m in channel_absmax.values()]
     report = {"model": str(model_dir), "outlier_ratio": {"median": round(statistics.median(ratios), 2),
                                                          "max": round(max(ratios), 2)}}
 
     def average() -> dict:
-        return average_accuracy(rounded(evaluate_tasks(tower, head, cfg, tasks, sources), MiniClip8.record_digits))
+        return average_accuracy(rounded(evaluate_tasks(zs.hf_pooled_encoder(tower), head, cfg, tasks, sources),
+                                        MiniClip8.record_digits))
 
     fp = average()
     accuracy = fp["accuracy"]
     report["fp"] = {"accuracy": round(accuracy, 2), "stderr": round(fp["stderr"], 2)}
-    originals = {name: tower.w[name + ".weight"].clone() for name in linears}
+    originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
     for bits in bits_list:
         errors = []
-        for name, weight in originals.items():
-            quantized = rtn_quantize(weight, bits, group_size).weight
-            errors.append(float((quantized - weight).norm() / weight.norm()))
-            tower.w[name + ".weight"] = quantized
+        with torch.no_grad():
+            for name, weight in originals.items():
+                quantized = rtn_quantize(weight, bits, group_size).weight
+                errors.append(float((quantized - weight).norm() / weight.norm()))
+                linears[name].weight.copy_(quantized)
         rtn_accuracy = average()["accuracy"]
         report[f"rtn{bits}"] = {"accuracy": round(rtn_accuracy, 2), "change": round(rtn_accuracy - accuracy, 2),
                                 "weight_rel_error": round(statistics.fmean(errors), 3)}
-        tower.w.update({name + ".weight": weight for name, weight in originals.items()})
+        with torch.no_grad():
+            for name, weight in originals.items():
+                linears[name].weight.copy_(weight)
     return report
 
 
@@ -100,7 +101,6 @@ def channel_outlier_ratio(x: torch.Tensor) -> float:
 def measure_hf(model_dir: Path, cfg, head, sources: Sources, bits_list, group_size) -> dict:
     """``measure`` for a transformers tower of mini-dino (hooks record the linears' inputs)."""
     from epmq.adapters import adapter_for, block_linears
-    from epmq.checkpoint import load_model
     from epmq.suites.mini_dino.tower import to_pixel_values as dino_pixel_values
 
     model = load_model(model_dir).eval()

@@ -7,9 +7,7 @@ top-1 accuracy with its binomial standard error.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -55,21 +53,12 @@ def average_accuracy(results: dict[str, dict]) -> dict:
             "stderr": round(zs.average_stderr([r["stderr"] for r in results.values()]), 3)}
 
 
-def clip_tower(model_dir: str | os.PathLike) -> zs.ClipVisionTower:
+def clip_tower(model_dir: str | os.PathLike) -> zs.ImageEncoder:
     """pixel_values -> pooled output of the CLIP tower in ``model_dir`` (any checkpoint this project writes).
 
-    Runs the plain-torch ``ClipVisionTower`` (no transformers import: start-up dominates the
-    evaluation of mini-clip8), on the dequantized weights for quantized checkpoints.
+    The plain-torch ``CLIPVisionModel`` of ``epmq.models`` (no transformers import: start-up
+    dominates the evaluation of mini-clip8), quantized checkpoints dequantized by ``load_model``.
     """
-    from epmq.checkpoint import dequantized_state, quantization_info
-    from epmq.io import LazyCheckpoint
+    from epmq.checkpoint import load_model
 
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    info = quantization_info(model_dir)
-    checkpoint = LazyCheckpoint(model_dir)
-    if info is None:
-        state = {key: checkpoint.get(key) for key in checkpoint.keys()}
-    else:
-        state = dequantized_state(checkpoint, info)
-    return zs.ClipVisionTower(config, state).eval()
+    return zs.hf_pooled_encoder(load_model(model_dir, plain_torch=True).eval())
