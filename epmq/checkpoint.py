@@ -190,9 +190,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, plain_torch: 
             stored_dtype = getattr(torch, (info or {}).get("dtype") or config.get("dtype") or "float32")
             with torch.device("meta"):
                 model = plain(config)
-            if _names_modules_of(LazyCheckpoint(path), model):  # else stored under another prefix: transformers maps it
+            checkpoint = LazyCheckpoint(path)
+            if _names_modules_of(checkpoint, model):  # else stored under another prefix: transformers maps it
                 allocate(model, dtype or stored_dtype)
-                return _fill(path, model, info or {"layers": {}}, stored_dtype)
+                return _fill(checkpoint, model, info or {"layers": {}}, stored_dtype)
 
     import transformers
 
@@ -223,14 +224,12 @@ def load_quantized(path: Path, cls: type[nn.Module], config, info: dict, dtype: 
         model = cls._from_config(config, dtype=dtype or stored_dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return _fill(path, model, info, stored_dtype)
+    return _fill(LazyCheckpoint(path), model, info, stored_dtype)
 
 
-def _fill(path: Path, model: nn.Module, info: dict, stored_dtype: torch.dtype) -> nn.Module:
-    """Every parameter of the allocated ``model`` from the checkpoint in ``path``, packed linears
-    dequantized in place (``info["layers"]``; empty for an unquantized checkpoint)."""
-    checkpoint = LazyCheckpoint(path)
-    cls = type(model)
+def _fill(checkpoint: LazyCheckpoint, model: nn.Module, info: dict, stored_dtype: torch.dtype) -> nn.Module:
+    """Every parameter of the allocated ``model`` from ``checkpoint``, packed linears dequantized in
+    place (``info["layers"]``; empty for an unquantized checkpoint)."""
     validate_quantized_state(checkpoint, info["layers"], model)
     layers = quantized_layers(info)
     packed = {f"{name}.{suffix}" for name in layers for suffix in _SUFFIXES}
@@ -255,5 +254,6 @@ def _fill(path: Path, model: nn.Module, info: dict, stored_dtype: torch.dtype) -
     storage = {targets[key].data_ptr() for key in loaded if targets[key].numel()}
     missing = [key for key in targets if key not in loaded and targets[key].data_ptr() not in storage]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{checkpoint.path}: checkpoint does not match {type(model).__name__}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
