@@ -6,7 +6,8 @@
 1. Per rule, from Snakemake's benchmark files (``benchmarks/{suite}/...`` and the suite's targets'
    ``benchmarks/tables/...``): jobs, job-seconds (column ``s``), CPU seconds (``cpu_time``);
    ``--before`` adds a second benchmark folder (an earlier build) beside them.
-2. Per rule, one real job of its stage (``python -m epmq <stage>``, as the rule calls it) on an
+2. Per rule, one real job of its stage (``python -m epmq <stage>``, as the rule calls it, with the
+   ``--then evaluate`` of ``evaluate_in_producer`` for fine-tuning, merging and quantizing) on an
    already built suite (``--suite-dir``), outputs in a temporary folder, under
    ``python -X importtime``: its CPU seconds and the top-level modules it imported (lazy imports
    inside the stage included); then a second process that only imports those modules, in that
@@ -101,15 +102,21 @@ def stage_jobs(suite_dir: Path, suite_config: str, config: dict, targets: list[s
     eval_dirs = sorted({str(path.parent) for path in (suite_dir / "eval").rglob("*.json")})
     table = next((name for name in targets if config["targets"][name]["layout"] != "plot"), None)
     figure = next((name for name in targets if config["targets"][name]["layout"] == "plot"), None)
+    def then_evaluate(model: Path, tasks_: list[str]) -> list[str]:  # the rules' evaluate_in_producer
+        return ["--then", "evaluate", *common, "--suite-dir", str(suite_dir), "--model", str(model), "--data", data,
+                "--threads", "1", "--tasks", *tasks_, "--out-dir", str(tmp / "eval")]
+
     jobs = {
-        "suite_calib": ["-m", "epmq", "suite", "calib", *common, "--data", data, "--task", tasks[0],
-                        "--suite-dir", str(suite_dir), "--samples", "64", "--seed", "0", "--out", str(tmp / "calib.safetensors")],
+        "suite_calib": ["-m", "epmq", "suite", "calib", *common, "--data", data, "--tasks", *tasks,
+                        "--suite-dir", str(suite_dir), "--samples", "64", "--seed", "0", "--out", str(tmp / "calib")],
         "merge": ["-m", "epmq", "merge", "--method", "simple_average", "--pretrained", str(suite_dir / "pretrained"),
-                  "--experts", *experts, "--out", str(tmp / "merged")],
+                  "--experts", *experts, "--out", str(tmp / "merged"), *then_evaluate(tmp / "merged", tasks)],
         "quantize": ["-m", "epmq", "quantize", "--model", str(merged), "--method", "rtn", "--bits", "4",
-                     "--group-size", "128", "--threads", "1", "--experts", "--calib", "--tasks", "--out", str(tmp / "quant")],
-        "evaluate": ["-m", "epmq", "evaluate", *common, "--suite-dir", str(suite_dir), "--model", experts[0],
-                     "--data", data, "--threads", "1", "--tasks", tasks[0], "--out-dir", str(tmp / "eval")],
+                     "--group-size", "128", "--threads", "1", "--experts", "--calib", "--tasks", "--out", str(tmp / "quant"),
+                     *then_evaluate(tmp / "quant", tasks)],
+        "evaluate": ["-m", "epmq", "evaluate", *common, "--suite-dir", str(suite_dir), "--model",
+                     str(suite_dir / "pretrained"), "--data", data, "--threads", "1", "--tasks", *tasks,
+                     "--out-dir", str(tmp / "eval")],
         "aggregate": ["-m", "epmq", "aggregate", "--eval-dirs", *eval_dirs, "--out", str(tmp / "metrics.csv")],
     }
     # a target renders from its own aggregate (the build's results/tables/{target}.csv): the suite's
@@ -121,7 +128,7 @@ def stage_jobs(suite_dir: Path, suite_config: str, config: dict, targets: list[s
     if finetune:
         jobs["suite_finetune"] = ["-m", "epmq", "suite", "finetune", *common, "--data", data, "--pretrained",
                                   str(suite_dir / "pretrained"), "--task", tasks[0], "--threads", "1",
-                                  "--out", str(tmp / "expert")]
+                                  "--out", str(tmp / "expert"), *then_evaluate(tmp / "expert", tasks[:1])]
     return jobs
 
 

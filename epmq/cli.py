@@ -3,6 +3,10 @@
 Each stage lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their stage is called, so ``python -m epmq merge`` does not pay
 for importing the evaluators.
+
+``--then`` runs another stage in the same process once the first has succeeded, e.g.
+``python -m epmq quantize ... --out Q --then evaluate --model Q ...``: the workflow evaluates each
+model in the job that wrote it, paying one interpreter and torch start-up instead of two.
 """
 
 from __future__ import annotations
@@ -30,8 +34,33 @@ STAGES = {
 }
 
 
+#: separates the stages of one ``python -m epmq`` call
+THEN = "--then"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the stage of ``argv`` (default: the command line), then each one after a ``--then``,
+    stopping at the first that fails; the exit code of the last one run."""
     quiet_foreign_bars()  # before any stage module imports tqdm, which reads TQDM_* when imported
+    words = list(sys.argv[1:] if argv is None else argv)
+    stages: list[list[str]] = [[]]
+    for word in words:
+        if word == THEN:
+            stages.append([])
+        else:
+            stages[-1].append(word)
+    if len(stages) > 1 and not all(stages):
+        print(f"error: {THEN} must separate two stages (python -m epmq STAGE ... {THEN} STAGE ...)", file=sys.stderr)
+        return 2
+    for stage_argv in stages:
+        code = run_stage(stage_argv)
+        if code:
+            return code
+    return 0
+
+
+def run_stage(argv: list[str]) -> int:
+    """One stage: parse its arguments (importing only its module), run it, map bad input to exit 2."""
     parser = argparse.ArgumentParser(prog="python -m epmq", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -39,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = commands.add_parser(stage, help=summary, description=summary)
         sub.set_defaults(_module=module_name)
         # Stages register their arguments lazily: only the called stage's module is imported.
-        if stage in _requested_stage(argv):
+        if stage in argv:
             importlib.import_module(module_name).add_arguments(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -109,8 +138,3 @@ def run_module(module: ModuleType, argv: list[str] | None = None) -> int:
     module.add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return module.run(parser.parse_args(argv))
-
-
-def _requested_stage(argv: list[str] | None) -> set[str]:
-    words = sys.argv[1:] if argv is None else argv
-    return {word for word in words if word in STAGES}

@@ -3,7 +3,7 @@
 #   results/{suite}/data                            the suite's prepared data
 #   results/{suite}/pretrained                      the model that is merged (+ evaluation assets)
 #   results/{suite}/experts/{task}                  one expert per task
-#   results/{suite}/calib/n{samples}-s{seed}/{task}.safetensors
+#   results/{suite}/calib/n{samples}-s{seed}/{task}.safetensors   (one job writes the folder)
 #   results/{suite}/merged/{merge}                  fp merged model
 #   results/{suite}/quant/{merge}/{method}/w{bits}g{group}n{samples}
 #                                                   method = rtn | gptq | awq | epmq-a{alpha} | epmq_fp-a{alpha}
@@ -176,15 +176,20 @@ def target_quant_dirs(wildcards):
     ]
 
 
-def calibration_files(wildcards):
+def calibration_dir(suite, samples):
+    """The folder of a suite's calibration sets of ``samples`` samples (one ``{task}.safetensors`` each)."""
+    return f"results/{suite}/calib/n{samples}-s{suite_settings(suite)['calib_seed']}"
+
+
+def calibration_inputs(wildcards):
+    """A quantizer's calibration folder (none for calibration-free methods)."""
     method, _ = split_method(wildcards.method)
-    if method in CALIBRATION_FREE:
-        return []
-    seed = suite_settings(wildcards.suite)["calib_seed"]
-    return [
-        f"results/{wildcards.suite}/calib/n{wildcards.samples}-s{seed}/{task}.safetensors"
-        for task in tasks(wildcards.suite)
-    ]
+    return [] if method in CALIBRATION_FREE else [calibration_dir(wildcards.suite, wildcards.samples)]
+
+
+def calibration_files(folders, suite):
+    """The per-task files of calibration ``folders``, in task order (the order the experts come in)."""
+    return [f"{folder}/{task}.safetensors" for folder in folders for task in tasks(suite)]
 
 
 def expert_dirs(wildcards):
@@ -219,11 +224,61 @@ def quantize_experts(wildcards):
     return expert_dirs(wildcards) if method in EXPERT_METHODS else []
 
 
+def model_eval_tasks(suite, model):
+    """The tasks a model (an id under results/{suite}/) is evaluated on: an expert on its own task."""
+    if model.startswith("experts/"):
+        return [model.split("/", 1)[1]]
+    return eval_tasks(suite)
+
+
 def evaluation_tasks(wildcards):
     """The tasks one model is evaluated on (a list: the shell command quotes each with ``:q``)."""
-    if wildcards.model.startswith("experts/"):
-        return [wildcards.model.split("/", 1)[1]]
-    return eval_tasks(wildcards.suite)
+    return model_eval_tasks(wildcards.suite, wildcards.model)
+
+
+def evaluation_inputs(wildcards, prefix=""):
+    """What evaluating a model of the suite reads besides the model: its config, data, the pretrained
+    model's evaluation assets (heads, tokenizer, processor) and the experts (mini-text4 keeps per-task
+    heads in them); ``prefix`` names them apart from a producing rule's own inputs."""
+    return {
+        f"{prefix}suite_config": suite_config_files(wildcards),
+        f"{prefix}data": f"results/{wildcards.suite}/data",
+        f"{prefix}pretrained": f"results/{wildcards.suite}/pretrained",
+        f"{prefix}experts": expert_dirs(wildcards),
+    }
+
+
+# Models evaluated by the job that wrote them (config `evaluate_in_producer`): the experts of offline
+# suites, merged and quantized models, whose jobs run `python -m epmq <stage> ... --then evaluate ...`:
+# one process start instead of two. The producing rule then also outputs the model's eval folder and
+# reads what evaluation reads; without it (the paper configs) evaluation is its own job, so that a
+# failed evaluation never deletes a finished quantization.
+EVALUATE_IN_PRODUCER = config["evaluate_in_producer"]
+
+
+def evaluated_here(model):
+    """A producing rule's extra output (its own is named ``model``): the eval folder of ``model`` (a
+    pattern under results/{suite}/)."""
+    return {"evaluation": directory(f"results/{{suite}}/eval/{model}")} if EVALUATE_IN_PRODUCER else {}
+
+
+def evaluated_here_inputs(wildcards):
+    return evaluation_inputs(wildcards, prefix="eval_") if EVALUATE_IN_PRODUCER else {}
+
+
+def then_evaluate(wildcards, output, threads):
+    """The `--then evaluate ...` that follows a producing stage (empty when evaluation is its own job)."""
+    if not EVALUATE_IN_PRODUCER:
+        return ""
+    suite_dir = f"results/{wildcards.suite}"
+    model = output.model
+    words = [
+        "--then", "evaluate", "--suite-config", suite_config_path(wildcards.suite), "--suite-dir", suite_dir,
+        "--model", model, "--data", f"{suite_dir}/data", "--threads", str(threads),
+        "--tasks", *model_eval_tasks(wildcards.suite, model.removeprefix(f"{suite_dir}/")),
+        "--out-dir", output.evaluation,
+    ]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def diagnose_quantized(wildcards):
@@ -233,8 +288,4 @@ def diagnose_quantized(wildcards):
 
 
 def diagnose_calibration(wildcards):
-    s = suite_settings(wildcards.suite)
-    return [
-        f"results/{wildcards.suite}/calib/n{s['samples']}-s{s['calib_seed']}/{task}.safetensors"
-        for task in tasks(wildcards.suite)
-    ]
+    return [calibration_dir(wildcards.suite, suite_settings(wildcards.suite)["samples"])]

@@ -12,6 +12,8 @@ rule diagnose:
         quantized=diagnose_quantized,
     output:
         directory("results/{suite}/diagnose/{merge}"),
+    params:
+        calib=lambda w, input: calibration_files(input.calib, w.suite),
     threads: config["threads"]
     resources:
         mem_mb=8000,
@@ -24,7 +26,7 @@ rule diagnose:
         "benchmarks/{suite}/diagnose/{merge}.tsv"
     shell:
         "OMP_NUM_THREADS={threads} python -m epmq diagnose --model {input.model:q} --experts {input.experts:q}"
-        " --calib {input.calib:q} --quantized {input.quantized:q} --out {output:q} > {log:q} 2>&1"
+        " --calib {params.calib:q} --quantized {input.quantized:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule diagnose_offline:

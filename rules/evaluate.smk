@@ -1,15 +1,19 @@
 # Evaluate one model on its suite's tasks (an expert on its own task): one {task}.json per task,
 # all tasks in one job, since start-up costs as much as a task of the offline suites. The experts
-# are inputs because some suites keep per-task heads in them (mini-text4).
+# are inputs because some suites keep per-task heads in them (mini-text4). With
+# `evaluate_in_producer` the jobs that fine-tune, merge and quantize evaluate their models instead
+# (ruleorder).
+
+
+ruleorder: suite_finetune > evaluate
+ruleorder: merge > evaluate
+ruleorder: quantize > evaluate
 
 
 rule evaluate:
     input:
-        suite_config=suite_config_files,
+        unpack(evaluation_inputs),
         model="results/{suite}/{model}",
-        data="results/{suite}/data",
-        pretrained="results/{suite}/pretrained",
-        experts=expert_dirs,
     output:
         directory("results/{suite}/eval/{model}"),
     params:

@@ -1,6 +1,8 @@
 # Offline suites built here (builders mini-*): data, pretraining, experts; and every suite's
-# calibration sets. Pretraining uses every core; experts train with `threads` each, several at once
-# (on 2 cores, two 1-thread fine-tunings finish sooner than two 2-thread ones in turn). Built
+# calibration sets, every task's set of one budget in one job (drawing a set costs less than starting
+# a process). Pretraining uses every core; experts train with `threads` each, several at once
+# (on 2 cores, two 1-thread fine-tunings finish sooner than two 2-thread ones in turn), and each
+# expert is evaluated in the job that trained it (`evaluate_in_producer`, rules/common.smk). Built
 # experts are cached like any output.
 
 
@@ -57,9 +59,11 @@ rule suite_finetune:
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
     output:
-        directory("results/{suite}/experts/{task}"),
+        model=directory("results/{suite}/experts/{task}"),
+        **evaluated_here("experts/{task}"),
     params:
         suite_config=lambda w: suite_config_path(w.suite),
+        then_evaluate=then_evaluate,
     threads: config["threads"]
     resources:
         mem_mb=4000,
@@ -72,7 +76,8 @@ rule suite_finetune:
         "benchmarks/{suite}/suite_finetune/{task}.tsv"
     shell:
         "python -m epmq suite finetune --suite-config {params.suite_config:q} --data {input.data:q}"
-        " --pretrained {input.pretrained:q} --task {wildcards.task:q} --threads {threads} --out {output:q} > {log:q} 2>&1"
+        " --pretrained {input.pretrained:q} --task {wildcards.task:q} --threads {threads} --out {output.model:q}"
+        " {params.then_evaluate} > {log:q} 2>&1"
 
 
 rule suite_calib:
@@ -81,16 +86,17 @@ rule suite_calib:
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
     output:
-        "results/{suite}/calib/n{samples}-s{seed}/{task}.safetensors",
+        directory("results/{suite}/calib/n{samples}-s{seed}"),
     params:
         suite_config=lambda w: suite_config_path(w.suite),
+        tasks=lambda w: tasks(w.suite),
     conda:
         "../environment.yml"
     log:
-        "logs/{suite}/suite_calib/n{samples}-s{seed}/{task}.log",
+        "logs/{suite}/suite_calib/n{samples}-s{seed}.log",
     benchmark:
-        "benchmarks/{suite}/suite_calib/n{samples}-s{seed}/{task}.tsv"
+        "benchmarks/{suite}/suite_calib/n{samples}-s{seed}.tsv"
     shell:
-        "python -m epmq suite calib --suite-config {params.suite_config:q} --data {input.data:q} --task {wildcards.task:q}"
+        "python -m epmq suite calib --suite-config {params.suite_config:q} --data {input.data:q} --tasks {params.tasks:q}"
         " --suite-dir results/{wildcards.suite:q}"
         " --samples {wildcards.samples:q} --seed {wildcards.seed:q} --out {output:q} > {log:q} 2>&1"

@@ -144,11 +144,12 @@ def test_hub_commands_check_their_out(w, capsys, command, monkeypatch):
     assert tree_hashes(w / "base", w / "e0") == before
 
 
-def test_suite_calib_out_that_is_a_folder_is_refused(w, capsys):
-    (w / "calib.safetensors").mkdir()
-    refused(["suite", "calib", "--suite-config", ROOT / "epmq/suites/mini-clip8-smoke.yaml", "--task", "x",
-             "--samples", "4", "--out", w / "calib.safetensors"],
-            inputs=[w / "merged"], out=w / "calib.safetensors", match="is a directory", capsys=capsys)
+def test_suite_calib_out_that_is_a_foreign_folder_is_refused(w, capsys):
+    (w / "calib").mkdir()
+    (w / "calib" / "notes.txt").write_text("mine")
+    refused(["suite", "calib", "--suite-config", ROOT / "epmq/suites/mini-clip8-smoke.yaml", "--tasks", "x",
+             "--samples", "4", "--out", w / "calib"],
+            inputs=[w / "merged"], out=w / "calib", match="did not write", capsys=capsys)
 
 
 # ------------------------------------------------------------- interrupted writes, SIGTERM --

@@ -33,8 +33,8 @@ def build_and_evaluate(root, config, tasks, eval_tasks, samples=8):
         assert main(["suite", "finetune", "--suite-config", str(config), "--pretrained", str(suite / "pretrained"),
                      "--task", task, "--out", experts[-1]]) == 0
         calib.append(str(suite / "calib" / f"{task}.safetensors"))
-        assert main(["suite", "calib", "--suite-config", str(config), "--task", task, "--samples", str(samples),
-                     "--data", str(suite / "data"), "--suite-dir", str(suite), "--out", calib[-1]]) == 0
+    assert main(["suite", "calib", "--suite-config", str(config), "--tasks", *tasks, "--samples", str(samples),
+                 "--data", str(suite / "data"), "--suite-dir", str(suite), "--out", str(suite / "calib")]) == 0
     assert main(["merge", "--method", "task_arithmetic", "--pretrained", str(suite / "pretrained"),
                  "--experts", *experts, "--out", str(suite / "merged")]) == 0
     assert main(["quantize", "--model", str(suite / "merged"), "--method", "epmq", "--group-size", "32",

@@ -39,8 +39,8 @@ def built(tmp_path_factory, cfg):
     assert main(["suite", "pretrain", *common, *data, "--out", str(root / "pretrained")]) == 0
     assert main(["suite", "finetune", *common, *data, "--pretrained", str(root / "pretrained"),
                  "--task", "digits-parity", "--out", str(root / "expert")]) == 0
-    assert main(["suite", "calib", *common, *data, "--task", "fashion-negative", "--samples", "16", "--seed", "3",
-                 "--out", str(root / "calib" / "fashion-negative.safetensors")]) == 0
+    assert main(["suite", "calib", *common, *data, "--tasks", "fashion-negative", "--samples", "16", "--seed", "3",
+                 "--out", str(root / "calib")]) == 0
     tasks = list(cfg["tasks"])
     assert main(["evaluate", *common, *data, "--model", str(root / "expert"), "--suite-dir", str(root),
                  "--tasks", *tasks, "--out-dir", str(root / "eval")]) == 0

@@ -3,11 +3,13 @@
     python -m epmq suite data     --suite-config YAML --out DIR
     python -m epmq suite pretrain --suite-config YAML --out DIR [--data DIR]
     python -m epmq suite finetune --suite-config YAML --pretrained DIR --task NAME --out DIR [--data DIR]
-    python -m epmq suite calib    --suite-config YAML --task NAME --samples N --seed S --out FILE
+    python -m epmq suite calib    --suite-config YAML --tasks NAME [NAME ...] --samples N --seed S --out DIR
                                   [--data DIR] [--suite-dir DIR]
 
 The suite YAML's ``builder`` picks the Suite class (``epmq.suites.base``): offline suites train
-here, hub suites fetch. Outputs are written atomically.
+here, hub suites fetch. Outputs are written atomically. ``calib`` writes one ``<task>.safetensors``
+per task into ``--out`` (with a ``manifest.json``): all tasks of one budget in one process, since
+drawing a set costs less than starting one.
 """
 
 from __future__ import annotations
@@ -45,19 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--pretrained", required=True)
     sub.add_argument("--task", required=True)
     sub.add_argument("--out", required=True)
-    sub = commands.add_parser("calib", help="a task's calibration inputs, drawn from training data only")
+    sub = commands.add_parser("calib", help="tasks' calibration inputs, drawn from training data only")
     common(sub)
-    sub.add_argument("--task", required=True)
+    sub.add_argument("--tasks", nargs="+", required=True)
     sub.add_argument("--samples", type=positive_int, required=True)
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--suite-dir", default=None, help="results/{suite} (tokenizers and processors live there)")
-    sub.add_argument("--out", required=True, help="output .safetensors (model inputs + sample_indices)")
+    sub.add_argument("--out", required=True, help="output folder: <task>.safetensors (model inputs + sample_indices) per task")
 
 
 def run(args: argparse.Namespace) -> int:
     inputs = [path for path in (args.suite_config, getattr(args, "data", None), getattr(args, "pretrained", None)) if path]
-    check_output(args.out, inputs=inputs, records=STAGE_RECORDS, overwrite=args.overwrite,
-                 is_file=args.suite_command == "calib")
+    check_output(args.out, inputs=inputs, records=STAGE_RECORDS, overwrite=args.overwrite)
     suite = load_suite(args.suite_config or packaged_config("mini-clip8"))
     cfg = suite.cfg
     if args.threads:
@@ -72,7 +73,23 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown task {args.task!r}; the suite has {list(cfg['tasks'])}")
         suite.build_expert(args.pretrained, args.task, args.out, args.data)
     elif args.suite_command == "calib":
-        if args.task not in cfg["tasks"]:
-            raise ValueError(f"unknown task {args.task!r}; the suite has {list(cfg['tasks'])}")
-        suite.write_calibration(args.task, args.samples, args.seed, args.out, args.data, args.suite_dir)
+        write_calibration_sets(suite, args)
     return 0
+
+
+def write_calibration_sets(suite, args: argparse.Namespace) -> None:
+    """``suite calib``: each task's set into one folder, written atomically, and its manifest."""
+    from epmq.io import atomic_output_dir, atomic_write_json, provenance
+    from epmq.suites.common import config_digest
+
+    unknown = [task for task in args.tasks if task not in suite.cfg["tasks"]]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; the suite has {list(suite.cfg['tasks'])}")
+    if len(set(args.tasks)) != len(args.tasks):
+        raise ValueError(f"--tasks names a task twice: {args.tasks}")
+    with atomic_output_dir(args.out) as tmp:
+        for task in args.tasks:
+            suite.write_calibration(task, args.samples, args.seed, tmp / f"{task}.safetensors", args.data, args.suite_dir)
+        atomic_write_json(tmp / "manifest.json", {
+            "suite": suite.cfg["suite"], "tasks": args.tasks, "samples": args.samples, "seed": args.seed,
+            "provenance": provenance(config=str(suite.cfg["config_path"]), config_digest=config_digest(suite.cfg))})
