@@ -80,10 +80,15 @@ def _suite(suite):
     return _SUITES[suite]
 
 
+_CONFIG_FILES = {}
+
+
 def suite_config_files(wildcards):
     """The suite's YAML, the YAMLs it inherits and the experts table it names: inputs of every job
-    that reads them, so editing one reruns those jobs."""
-    return [str(path) for path in config_files(suite_config_path(wildcards.suite))]
+    that reads them, so editing one reruns those jobs (read once per suite: most jobs ask)."""
+    if wildcards.suite not in _CONFIG_FILES:
+        _CONFIG_FILES[wildcards.suite] = [str(path) for path in config_files(suite_config_path(wildcards.suite))]
+    return _CONFIG_FILES[wildcards.suite]
 
 
 def tasks(suite):

@@ -201,3 +201,12 @@ def test_tower_sensitivity_bench(built, cfg):
     assert 0 < report["rtn8"]["weight_rel_error"] < 0.02 < report["rtn2"]["weight_rel_error"] < 1
     assert abs(report["rtn8"]["change"]) <= abs(report["rtn2"]["change"]) + 1.0
     assert report["outlier_ratio"]["max"] >= report["outlier_ratio"]["median"] >= 1
+
+
+def test_digits_are_read_as_sklearn_loads_them():
+    from sklearn.datasets import load_digits
+
+    images, labels = clip_data.sklearn_digits()
+    reference = load_digits()
+    assert images.dtype == reference.images.dtype and np.array_equal(images, reference.images)
+    assert labels.dtype == reference.target.dtype and np.array_equal(labels, reference.target)
