@@ -58,6 +58,8 @@ rule suite_finetune:
         suite_config=suite_config_files,
         data="results/{suite}/data",
         pretrained="results/{suite}/pretrained",
+    # what evaluating an expert reads is already here: config, data, pretrained heads and, in
+    # mini-text4, the expert's own head (not the other experts: they would make a cycle)
     output:
         model=directory("results/{suite}/experts/{task}"),
         **evaluated_here("experts/{task}"),
