@@ -52,8 +52,12 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: s
                 last = now
 
 
+#: what turns other libraries' bars off; they read it when they are imported
+FOREIGN_BARS_OFF = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def quiet_foreign_bars() -> None:
     """Without a terminal, silence other libraries' tqdm bars (they would fill log files)."""
     if not interactive():
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name, value in FOREIGN_BARS_OFF.items():
+            os.environ.setdefault(name, value)
