@@ -6,7 +6,9 @@ of jobs, their wall seconds and their CPU seconds, and the totals. On a shared m
 grow with the load while CPU seconds barely do, so the last line divides the CPU seconds by the
 cores: the wall time the same jobs need on an otherwise idle machine with that many cores, as a
 lower bound (it assumes every core busy throughout; pretraining uses them all, the other jobs one
-thread each).
+thread each). Jobs forked by a warm server (``make main``, epmq/warm.py) do their work outside the
+process Snakemake measures: their wall seconds are right, their CPU seconds are the client's (the
+report says which rules), and ``--pending`` projections need a build with ``WARM=``.
 
 With ``--pending``, a build still running or not finished: a Snakemake dry run of the targets lists
 the jobs left (by their benchmark files), each is costed at the mean CPU seconds of the jobs of its
@@ -96,6 +98,11 @@ def projection(groups: dict[str, list[tuple[float, float]]], pending: list[str])
     return total, uncosted
 
 
+#: below this CPU/wall share a rule's jobs were warm-started (epmq/warm.py): their work ran in a child
+#: of the warm server, outside the process tree Snakemake's benchmark measures
+WARM_CPU_SHARE = 0.2
+
+
 def report(groups: dict[str, list[tuple[float, float]]], cores: int) -> str:
     lines = [f"{'rule':<18} {'jobs':>5} {'wall s':>9} {'cpu s':>9}"]
     total_wall = total_cpu = 0.0
@@ -108,6 +115,11 @@ def report(groups: dict[str, list[tuple[float, float]]], cores: int) -> str:
     lines.append(f"{'total':<18} {jobs:>5} {total_wall:>9.1f} {total_cpu:>9.1f}")
     lines.append(f"CPU seconds / {cores} cores = {total_cpu / cores:.0f} s ({total_cpu / cores / 60:.1f} min): "
                  "the idle-machine wall time of these jobs, a lower bound")
+    warm = [name for name, samples in groups.items() if sum(c for _, c in samples) < WARM_CPU_SHARE * sum(w for w, _ in samples)]
+    if warm:
+        lines.append(f"note: {', '.join(sorted(warm))}: CPU under {WARM_CPU_SHARE:.0%} of wall, so forked by a warm "
+                     "server (make main): a benchmark file then measures the client, not the job; read wall seconds, "
+                     "or build with WARM= for CPU seconds")
     return "\n".join(lines)
 
 
