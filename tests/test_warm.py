@@ -141,6 +141,16 @@ def test_the_server_needs_a_command_it_can_run(argv, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+def test_without_a_socket_the_command_still_runs_and_its_exit_code_is_kept(tmp_path):
+    deep = tmp_path / ("d" * 100)  # a socket path longer than AF_UNIX allows
+    deep.mkdir()
+    result = subprocess.run([sys.executable, "-m", "epmq.warm", sys.executable, "-c", "raise SystemExit(3)"],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(deep)})
+    assert result.returncode == 3
+    assert "warm start off (" in result.stderr and "jobs start cold" in result.stderr
+    assert list(deep.iterdir()) == []  # its folder removed
+
+
 # ------------------------------------------------------------------------ compare_builds --
 
 def build(root: Path, weight: torch.Tensor, metadata: dict, accuracy: float, seconds: float) -> Path:
