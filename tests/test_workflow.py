@@ -54,7 +54,7 @@ def test_paper_config_plans_every_table_and_figure():
 
 
 @pytest.mark.slow
-def test_smoke_run_builds_every_table_and_reruns_nothing(tmp_path):
+def test_smoke_run_builds_every_table_reruns_nothing_and_matches_warm_starts(tmp_path):
     config = str(ROOT / "config" / "smoke.yaml")
     out = snakemake("--configfile", config, "--directory", str(tmp_path), "--cores", "2", cwd=ROOT, timeout=3600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -93,3 +93,19 @@ def test_smoke_run_builds_every_table_and_reruns_nothing(tmp_path):
     again = snakemake("--configfile", config, "--directory", str(tmp_path), "-n", cwd=ROOT)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # The same DAG with warm starts (make main's way, epmq/warm.py), its server in the jobs' working
+    # directory: every checkpoint, record and table identical to the cold build's.
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run([sys.executable, "-m", "epmq.warm", *SNAKEMAKE, "--configfile", config, "--cores", "2"],
+                         cwd=warm, env=env, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "warm start: torch and" in out.stderr and "warm start off" not in out.stderr
+    declined = [path for path in (warm / "logs").rglob("*.log") if "warm start declined" in path.read_text()]
+    assert all("pretrain" in path.name for path in declined), declined  # only the jobs on both cores
+    compared = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_builds.py"), str(tmp_path / "results"),
+                               str(warm / "results")], capture_output=True, text=True)
+    assert compared.returncode == 0, compared.stdout[-4000:]
+    assert compared.stdout.startswith("identical: compared") and ".safetensors" in compared.stdout
