@@ -81,9 +81,11 @@ def run_warm(argv: list[str]) -> int | None:
         return None
     started = None
     with conn:
-        payload = json.dumps(request).encode()
+        message = json.dumps(request).encode()
+        message = _LENGTH.pack(len(message)) + message
         try:
-            socket.send_fds(conn, [_LENGTH.pack(len(payload)) + payload], [0, 1, 2])
+            sent = socket.send_fds(conn, [message], [0, 1, 2])  # the streams travel with the first bytes
+            conn.sendall(message[sent:])
             for line in conn.makefile("r", encoding="utf-8"):
                 reply = json.loads(line)
                 if "cold" in reply:

@@ -46,7 +46,7 @@ def test_warm_jobs_match_cold_ones(tmp_path):
         warm, cold = job(*{DEMO!r}), job(*{DEMO!r}, env=cold_env)
         bad = job("aggregate", "--eval-dirs", "/nonexistent/eval", "--out", "x.csv")
         chained = job(*{DEMO!r}, "--then", *{DEMO!r})
-        other = job(*{DEMO!r}, env={{**os.environ, "EPMQ_SOME_SETTING": "1"}})
+        other = job(*{DEMO!r}, env={{**os.environ, "EPMQ_SOME_SETTING": "1" * 100_000}})  # a request over 64 KiB
         tmp = job(*{DEMO!r}, env={{**os.environ, "TMPDIR": {str(tmp_path)!r}}})
         json.dump({{name: [r.returncode, r.stdout, r.stderr] for name, r in
                    dict(warm=warm, cold=cold, bad=bad, chained=chained, other=other, tmp=tmp).items()}},
