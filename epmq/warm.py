@@ -1,8 +1,8 @@
 """Warm starts: ``python -m epmq.warm COMMAND ...`` runs COMMAND (Snakemake) while one interpreter,
 with torch and the stage modules already imported, forks every ``python -m epmq`` job it starts.
 
-A DAG of many short jobs pays torch's import in each (1.7-2.0 CPU s here, a fifth of a typical
-mini-clip8 quantize job); a forked child starts with it done. Nothing else changes: the job is the
+A DAG of many short jobs pays torch's import in each (1.8-2.1 CPU s here, ``bench/startup.py``: a
+quarter of a mini-clip8 quantize job's 7.3 CPU s); a forked child starts with it done. Nothing else changes: the job is the
 same ``python -m epmq`` command line with its own flags, working directory, standard streams and
 exit code, and whenever the job could behave differently from a fresh interpreter it runs as one:
 

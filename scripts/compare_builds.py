@@ -18,12 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-#: fields of JSON records that are timings or name the checkout, not results. And the calibration
+#: fields of JSON records that are timings or provenance, not results. And the calibration
 #: files' hashes: safetensors writes its header's metadata in an order that changes from process to
 #: process (a Rust HashMap), so two runs of the same job write the same tensors and metadata in
 #: files whose bytes differ; those files are compared here by content.
 VOLATILE = frozenset({
-    "provenance", "seconds", "eval_seconds", "quant_seconds", "suite_config", "created_utc", "calibration_sha256",
+    "provenance", "seconds", "eval_seconds", "quant_seconds", "created_utc", "calibration_sha256",
 })
 
 
@@ -38,7 +38,7 @@ def strip_volatile(value, checkout: str):
     return value
 
 
-def same_checkpoint(a: Path, b: Path, roots) -> str | None:
+def same_checkpoint(a: Path, b: Path) -> str | None:
     import torch
     from safetensors import safe_open
 
@@ -56,13 +56,12 @@ def same_checkpoint(a: Path, b: Path, roots) -> str | None:
     return None
 
 
-def same_json(a: Path, b: Path, roots: tuple[Path, Path]) -> str | None:
-    left, right = (strip_volatile(json.loads(path.read_text()), str(root.resolve().parent))
-                   for path, root in zip((a, b), roots))
+def same_json(a: Path, b: Path, checkouts: tuple[str, str]) -> str | None:
+    left, right = (strip_volatile(json.loads(path.read_text()), checkout) for path, checkout in zip((a, b), checkouts))
     return None if left == right else "record differs"
 
 
-def same_csv(a: Path, b: Path, roots) -> str | None:
+def same_csv(a: Path, b: Path) -> str | None:
     def rows(path):
         with path.open(newline="") as handle:
             return [{key: value for key, value in row.items() if key not in VOLATILE} for row in csv.DictReader(handle)]
@@ -79,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         if not root.is_dir():
             print(f"error: {root} is not a directory", file=sys.stderr)
             return 2
-    checks = {".safetensors": same_checkpoint, ".json": same_json, ".csv": same_csv}
-    files = {side: {p.relative_to(root) for p in root.rglob("*") if p.suffix in checks and p.is_file()}
-             for side, root in (("before", args.before), ("after", args.after))}
-    problems = [f"{path}: only in {side}" for side in files for path in sorted(files[side] - files["after" if side == "before" else "before"])]
+    checkouts = (str(args.before.resolve().parent), str(args.after.resolve().parent))
+    checks = {".safetensors": same_checkpoint, ".json": lambda a, b: same_json(a, b, checkouts), ".csv": same_csv}
+    before, after = ({p.relative_to(root) for p in root.rglob("*") if p.suffix in checks and p.is_file()}
+                     for root in (args.before, args.after))
+    problems = [f"{path}: only in before" for path in sorted(before - after)]
+    problems += [f"{path}: only in after" for path in sorted(after - before)]
     counts: dict[str, int] = {}
-    for path in sorted(files["before"] & files["after"]):
-        reason = checks[path.suffix](args.before / path, args.after / path, (args.before, args.after))
+    for path in sorted(before & after):
+        reason = checks[path.suffix](args.before / path, args.after / path)
         counts[path.suffix] = counts.get(path.suffix, 0) + 1
         if reason:
             problems.append(f"{path}: {reason}")
